@@ -1,0 +1,1 @@
+//! The durable fact spool (owner: helper "spool").
