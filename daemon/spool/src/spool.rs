@@ -201,6 +201,8 @@ struct State {
     pending_bytes: usize,
     leader: bool,
     poisoned: Option<String>,
+    /// Group commits (fsynced batches) since open.
+    commits: u64,
 }
 
 /// The active segment as the leader sees it.
@@ -405,6 +407,7 @@ impl Spool {
                 pending_bytes: 0,
                 leader: false,
                 poisoned: None,
+                commits: 0,
             }),
             committed: Condvar::new(),
             queued: Condvar::new(),
@@ -569,6 +572,7 @@ impl Spool {
                         st.durable_seq = l;
                     }
                     st.reserved = st.reserved.saturating_sub(batch_bytes);
+                    st.commits += 1;
                 }
                 Err(e) => {
                     warn!(error = %e, "spool write failed; refusing further appends until reopened");
@@ -901,6 +905,13 @@ impl Spool {
     /// Bytes in segment files (what the quota limits).
     pub fn disk_usage(&self) -> u64 {
         self.lock_state().used
+    }
+
+    /// How many group commits (batches written with one fsync) this spool
+    /// made since it was opened; with concurrent appenders it is smaller
+    /// than the number of `append` calls.
+    pub fn commits(&self) -> u64 {
+        self.lock_state().commits
     }
 
     /// Number of segment files.
