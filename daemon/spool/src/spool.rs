@@ -421,6 +421,14 @@ impl Spool {
             spool.collect_trimmable(&mut st)
         };
         spool.unlink(unlink)?;
+        // Acked segments a crash left behind were just trimmed too.
+        let mut report = report;
+        {
+            let st = spool.lock_state();
+            report.first_seq = first_available(&st);
+            report.segments = st.segments.len();
+            report.disk_usage = st.used;
+        }
         Ok((spool, report))
     }
 
