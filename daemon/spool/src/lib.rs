@@ -19,10 +19,12 @@
 //!
 //! # Durability and group commit
 //! [`Spool::append`] returns only once its records are on disk
-//! (`fdatasync`). Appenders on several threads share fsyncs: the first one in
-//! becomes the leader, writes everything queued so far in one `pwrite` and
-//! one `fdatasync`, and wakes the others; while it waits on the disk the
-//! next batch accumulates. No background thread is involved.
+//! (`fdatasync`). Appenders on several threads share fsyncs: an appender
+//! whose records are queued becomes a leader, writes everything queued so
+//! far in one `pwrite` and one `fdatasync`, and wakes the others; while it
+//! waits on the disk the next batch accumulates. Up to
+//! [`GroupCommit::max_inflight`] batches may be in their fsync at once
+//! (written in order, reported durable in order). No background thread.
 //!
 //! # Recovery
 //! [`Spool::open`] verifies every record's checksum. A torn tail of the last

@@ -243,6 +243,7 @@ fn group_commit_delay_batches_appenders() {
         group_commit: liminal_spool::GroupCommit {
             max_delay: std::time::Duration::from_millis(2),
             max_batch_bytes: 1 << 20,
+            max_inflight: 1,
         },
         ..small_segments()
     };
