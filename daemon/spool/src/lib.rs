@@ -9,9 +9,12 @@
 //! - `spool.id`: the spool's identity, a ULID made once when the spool is
 //!   created (a consumer keys its cursor by it).
 //! - `acked`: the highest seq the consumer acknowledged (decimal).
-//! - `NNNNNNNNNNNNNNNNNNNN.seg`: segments named by their first seq (20 digits),
-//!   records framed as described in the `record` module (length, CRC32C, seq,
-//!   kind, wire JSON).
+//! - `NNNNNNNNNNNNNNNNNNNN.seg`: segments named by their first seq (20
+//!   digits): a 16-byte header (`LIMSPL01`, first seq as u64 LE), then
+//!   records back to back, each `len u32 LE | crc u32 LE | seq u64 LE |
+//!   kind_len u8 | kind | body`, where `len` counts the bytes after the crc,
+//!   the CRC32C covers `len` and everything after the crc, and `body` is the
+//!   fact's wire JSON ([`liminal_facts::FactBody::to_wire`]).
 //! - `LOCK`: held with `flock` while a process has the spool open.
 //!
 //! Small files (`spool.id`, `acked`) are replaced atomically (write a temp

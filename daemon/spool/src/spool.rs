@@ -731,7 +731,7 @@ impl Spool {
             let Some(u) = updates.last_mut() else {
                 continue; // unreachable: updates starts non-empty
             };
-            if (seq - w.first_seq) % INDEX_STRIDE == 0 {
+            if (seq - w.first_seq).is_multiple_of(INDEX_STRIDE) {
                 u.index.push((seq, w.len));
             }
             buf.extend_from_slice(&rec.bytes);
@@ -1122,7 +1122,7 @@ fn recover_segment(
     }
     let mut index = Vec::new();
     let mut visit = |rec: record::RawRecord<'_>| -> Result<bool, SpoolError> {
-        if (rec.seq - first_seq) % INDEX_STRIDE == 0 {
+        if (rec.seq - first_seq).is_multiple_of(INDEX_STRIDE) {
             index.push((rec.seq, rec.offset));
         }
         Ok(true)
