@@ -1,1 +1,374 @@
-//! TODO(owner): see lib.rs module map.
+//! Content digests: of a file tree (rootfs folders, input mounts) and of a
+//! run's whole input (the input digest).
+//!
+//! A tree digest covers, for every entry in sorted byte order of its relative
+//! name: the name, the file type, the permission bits (including
+//! setuid/setgid/sticky), and the content (regular files), the target
+//! (symlinks) or the device number (character/block devices). It leaves out
+//! mtimes, owners, inode numbers, link counts and extended attributes, so a
+//! copy of the same tree at another path or made at another time has the
+//! same digest. Hard links are hashed as independent files.
+//!
+//! Speed: the walk (lstat only) is sequential; file contents are hashed in
+//! parallel with rayon, big files through blake3's mmap support (and its own
+//! rayon split for very big ones). [`tree_digest_cached`] skips the content
+//! pass when a stat-only walk shows nothing changed since the last time.
+
+use liminal_plan::Plan;
+use rayon::prelude::*;
+use serde_json::Value;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// Version tag of the tree encoding; bump it if the encoding changes.
+const TREE_DOMAIN: &[u8] = b"liminal-tree-v1\0";
+/// Version tag of the input digest encoding.
+const INPUT_DOMAIN: &str = "liminal-input-v1";
+/// Files at least this big are hashed through mmap.
+const MMAP_MIN: u64 = 256 * 1024;
+/// Files at least this big are also split across threads by blake3 itself.
+const MMAP_RAYON_MIN: u64 = 8 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DigestError {
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} is not a valid digest cache entry: {message}", path.display())]
+    Cache { path: PathBuf, message: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DigestError + '_ {
+    move |source| DigestError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Char,
+    Block,
+    Fifo,
+    Socket,
+}
+
+impl Kind {
+    fn of(ft: &std::fs::FileType) -> Kind {
+        if ft.is_symlink() {
+            Kind::Symlink
+        } else if ft.is_dir() {
+            Kind::Dir
+        } else if ft.is_char_device() {
+            Kind::Char
+        } else if ft.is_block_device() {
+            Kind::Block
+        } else if ft.is_fifo() {
+            Kind::Fifo
+        } else if ft.is_socket() {
+            Kind::Socket
+        } else {
+            Kind::File
+        }
+    }
+
+    fn tag(self) -> u8 {
+        match self {
+            Kind::File => b'f',
+            Kind::Dir => b'd',
+            Kind::Symlink => b'l',
+            Kind::Char => b'c',
+            Kind::Block => b'b',
+            Kind::Fifo => b'p',
+            Kind::Socket => b's',
+        }
+    }
+}
+
+/// One entry of a walked tree, with what the stat-only stamp needs.
+struct Entry {
+    rel: PathBuf,
+    abs: PathBuf,
+    kind: Kind,
+    mode: u32,
+    size: u64,
+    rdev: u64,
+    ino: u64,
+    dev: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+/// Walks `root` in sorted order without following symlinks (except `root`
+/// itself, like a bind mount does).
+fn walk(root: &Path) -> Result<Vec<Entry>, DigestError> {
+    let mut out = Vec::new();
+    let walker = walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .follow_root_links(true)
+        .sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()));
+    for item in walker {
+        let item = item.map_err(|e| {
+            let path = e.path().unwrap_or(root).to_owned();
+            let source = e
+                .into_io_error()
+                .unwrap_or_else(|| io::Error::other("filesystem loop"));
+            DigestError::Io { path, source }
+        })?;
+        let md = item.metadata().map_err(|e| {
+            let path = item.path().to_owned();
+            let source = e
+                .into_io_error()
+                .unwrap_or_else(|| io::Error::other("filesystem loop"));
+            DigestError::Io { path, source }
+        })?;
+        let rel = item
+            .path()
+            .strip_prefix(root)
+            .unwrap_or(Path::new(""))
+            .to_owned();
+        out.push(Entry {
+            rel,
+            abs: item.path().to_owned(),
+            kind: Kind::of(&md.file_type()),
+            mode: md.mode() & 0o7777,
+            size: md.size(),
+            rdev: md.rdev(),
+            ino: md.ino(),
+            dev: md.dev(),
+            mtime_ns: md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128,
+            ctime_ns: md.ctime() as i128 * 1_000_000_000 + md.ctime_nsec() as i128,
+        });
+    }
+    Ok(out)
+}
+
+/// BLAKE3 of one regular file's content.
+fn hash_content(path: &Path, size_hint: u64) -> Result<blake3::Hash, DigestError> {
+    let mut hasher = blake3::Hasher::new();
+    if size_hint >= MMAP_RAYON_MIN {
+        hasher.update_mmap_rayon(path).map_err(io_err(path))?;
+    } else if size_hint >= MMAP_MIN {
+        hasher.update_mmap(path).map_err(io_err(path))?;
+    } else {
+        let mut f = File::open(path).map_err(io_err(path))?;
+        let mut buf = Vec::with_capacity(size_hint as usize + 1);
+        f.read_to_end(&mut buf).map_err(io_err(path))?;
+        hasher.update(&buf);
+    }
+    Ok(hasher.finalize())
+}
+
+fn put_bytes(h: &mut blake3::Hasher, b: &[u8]) {
+    h.update(&(b.len() as u64).to_le_bytes());
+    h.update(b);
+}
+
+/// Content digest of a file or folder tree: relative names, file type, mode
+/// bits, symlink targets, contents. Not mtimes, not owners. `"blake3:<hex>"`.
+pub fn tree_digest(path: &Path) -> Result<String, DigestError> {
+    let entries = walk(path)?;
+    digest_entries(&entries)
+}
+
+fn digest_entries(entries: &[Entry]) -> Result<String, DigestError> {
+    // Content hashes in parallel; everything else is cheap and sequential.
+    let contents: Vec<Option<(blake3::Hash, u64)>> = entries
+        .par_iter()
+        .map(|e| match e.kind {
+            Kind::File => hash_content(&e.abs, e.size).map(|h| Some((h, e.size))),
+            _ => Ok(None),
+        })
+        .collect::<Result<_, _>>()?;
+    let mut h = blake3::Hasher::new();
+    h.update(TREE_DOMAIN);
+    for (e, content) in entries.iter().zip(contents) {
+        put_bytes(&mut h, e.rel.as_os_str().as_bytes());
+        h.update(&[e.kind.tag()]);
+        h.update(&e.mode.to_le_bytes());
+        match e.kind {
+            Kind::File => {
+                if let Some((hash, size)) = content {
+                    h.update(&size.to_le_bytes());
+                    h.update(hash.as_bytes());
+                }
+            }
+            Kind::Symlink => {
+                let target = std::fs::read_link(&e.abs).map_err(io_err(&e.abs))?;
+                put_bytes(&mut h, target.as_os_str().as_bytes());
+            }
+            Kind::Char | Kind::Block => {
+                h.update(&e.rdev.to_le_bytes());
+            }
+            Kind::Dir | Kind::Fifo | Kind::Socket => {}
+        }
+    }
+    Ok(format!("blake3:{}", h.finalize().to_hex()))
+}
+
+/// Stat-only fingerprint of a walked tree: changes whenever any entry is
+/// added, removed, renamed, rewritten, chmodded or replaced (ctime moves on
+/// every such change and cannot be set from user space).
+fn stamp(entries: &[Entry]) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"liminal-stamp-v1\0");
+    for e in entries {
+        put_bytes(&mut h, e.rel.as_os_str().as_bytes());
+        h.update(&[e.kind.tag()]);
+        for n in [e.mode as u64, e.size, e.rdev, e.ino, e.dev] {
+            h.update(&n.to_le_bytes());
+        }
+        h.update(&e.mtime_ns.to_le_bytes());
+        h.update(&e.ctime_ns.to_le_bytes());
+    }
+    h.finalize().to_hex().to_string()
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CacheRecord {
+    path: PathBuf,
+    stamp: String,
+    digest: String,
+}
+
+/// [`tree_digest`] with a cache under `cache_dir/tree-digests/`.
+///
+/// The cache is keyed by the canonical path and validated by a stat-only walk
+/// (names, types, modes, sizes, inode numbers, mtimes and ctimes of every
+/// entry), so only a changed tree has its contents read again. Staleness risk:
+/// a content change that keeps size, mtime and ctime of the file identical —
+/// which needs the system clock to be set back, or a filesystem without
+/// ctime. The walk still costs one lstat per entry (a few ms per thousand
+/// files). An unreadable or corrupt cache entry is recomputed, not an error.
+pub fn tree_digest_cached(path: &Path, cache_dir: &Path) -> Result<String, DigestError> {
+    let canonical = std::fs::canonicalize(path).map_err(io_err(path))?;
+    let entries = walk(&canonical)?;
+    let stamp = stamp(&entries);
+    let key = blake3::hash(canonical.as_os_str().as_bytes()).to_hex();
+    let dir = cache_dir.join("tree-digests");
+    let file = dir.join(format!("{key}.json"));
+    if let Ok(bytes) = std::fs::read(&file) {
+        match serde_json::from_slice::<CacheRecord>(&bytes) {
+            Ok(rec) if rec.path == canonical && rec.stamp == stamp => {
+                tracing::debug!(path = %canonical.display(), "tree digest cache hit");
+                return Ok(rec.digest);
+            }
+            Ok(_) => tracing::debug!(path = %canonical.display(), "tree digest cache stale"),
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "ignoring corrupt digest cache entry")
+            }
+        }
+    }
+    let digest = digest_entries(&entries)?;
+    let rec = CacheRecord {
+        path: canonical,
+        stamp,
+        digest: digest.clone(),
+    };
+    // Best effort: a cache that cannot be written only costs time.
+    if let Err(e) = write_atomic(&dir, &file, &rec) {
+        tracing::warn!(file = %file.display(), error = %e, "cannot write digest cache entry");
+    }
+    Ok(digest)
+}
+
+fn write_atomic(dir: &Path, file: &Path, rec: &CacheRecord) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    serde_json::to_writer(&mut tmp, rec).map_err(io::Error::other)?;
+    tmp.persist(file).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// JSON with every object's keys sorted, whatever serde_json's map type is
+/// (its `preserve_order` feature may be switched on by another crate).
+fn canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical(&map[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// The plan as JSON without host-only paths: the image (its digest stands
+/// for it), mount sources (their tree digests stand for them) and the paths
+/// of file secrets (secret values never enter the digest).
+fn plan_without_host_paths(plan: &Plan) -> Value {
+    let mut v: Value = serde_json::from_str(&plan.canonical_json()).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut v {
+        map.remove("image");
+        if let Some(Value::Array(mounts)) = map.get_mut("mounts") {
+            for m in mounts {
+                if let Value::Object(m) = m {
+                    m.remove("source");
+                }
+            }
+        }
+        if let Some(Value::Array(secrets)) = map.get_mut("secrets") {
+            for s in secrets {
+                if let Some(Value::Object(from)) = s.get_mut("from") {
+                    if from.get("type").and_then(Value::as_str) == Some("file") {
+                        from.remove("value");
+                    }
+                }
+            }
+        }
+    }
+    v
+}
+
+/// BLAKE3 over canonical JSON of {plan (minus host-only paths), image_digest,
+/// mounts [(target, tree_digest)], sandbox}. Host paths of mounts and images
+/// do not enter it: the same inputs at another path are the same inputs.
+/// `"blake3:<hex>"`.
+pub fn input_digest(
+    plan: &Plan,
+    image_digest: &str,
+    mount_digests: &[(String, String)],
+    sandbox_config: &serde_json::Value,
+) -> String {
+    let doc = serde_json::json!({
+        "domain": INPUT_DOMAIN,
+        "plan": plan_without_host_paths(plan),
+        "image_digest": image_digest,
+        "mounts": mount_digests
+            .iter()
+            .map(|(t, d)| serde_json::json!([t, d]))
+            .collect::<Vec<_>>(),
+        "sandbox": sandbox_config,
+    });
+    let mut text = String::new();
+    canonical(&doc, &mut text);
+    format!("blake3:{}", blake3::hash(text.as_bytes()).to_hex())
+}
