@@ -56,9 +56,11 @@ pub enum SpoolError {
     #[error("cannot acknowledge seq {seq}: the spool ends at seq {last_seq}")]
     AckBeyondEnd { seq: u64, last_seq: u64 },
 
-    /// An earlier write or fsync failed; the on-disk state past the last
-    /// durable seq is unknown, so the spool refuses appends until reopened
-    /// (reopening recovers by truncating the torn tail).
+    /// An earlier write or fsync failed, so the spool refuses appends until
+    /// it is reopened (reads and acks still work). A failed write is undone
+    /// before this is set; after a failed fsync whether that batch reached
+    /// the disk is unknown, and reopening keeps whatever intact records it
+    /// finds and truncates a torn tail.
     #[error("spool refuses appends after a failed write ({reason}); reopen it to recover")]
     Poisoned { reason: String },
 

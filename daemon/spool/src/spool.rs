@@ -24,6 +24,8 @@ const SEGMENT_EXT: &str = "seg";
 /// One sparse index entry per this many records of a segment: reads start
 /// at most this many records before the one asked for.
 const INDEX_STRIDE: u64 = 64;
+/// errno for "no space left on device".
+const ENOSPC: i32 = 28;
 
 /// The spool's identity: a ULID made once, when the spool directory is
 /// first created. A consumer keys its cursor by it, so a re-created spool
@@ -363,7 +365,7 @@ impl Spool {
         }
         if segments.is_empty() {
             let first = acked + 1;
-            let (path, file) = create_segment(&dir, first)?;
+            let (path, file) = create_segment(&dir, first, &mut Vec::new())?;
             segments.insert(
                 first,
                 Segment {
@@ -465,8 +467,11 @@ impl Spool {
 
     /// Appends facts (encoded with [`FactBody::to_wire`]) and returns once
     /// they are fsynced. Accepts `Vec<FactBody>`, `&[FactBody]`, …. All or
-    /// nothing: on [`SpoolError::Full`] (or any error before the write)
-    /// none of the facts is stored. Blocks: call from a plain thread or
+    /// nothing: on [`SpoolError::Full`] or any other error none of the facts
+    /// is stored (a failed write is undone), with one exception: if the
+    /// fsync itself fails, whether the facts reached the disk is unknown
+    /// (the spool then refuses appends until reopened, see
+    /// [`SpoolError::Poisoned`]). Blocks: call from a plain thread or
     /// `spawn_blocking`.
     pub fn append<I>(&self, facts: I) -> Result<AppendReceipt, SpoolError>
     where
@@ -659,10 +664,35 @@ impl Spool {
         };
         let records = batch.len();
         let last_seq = batch.last().map(|(s, _)| *s).unwrap_or(0);
-        let updates = match self.write_batch(&mut w, batch) {
+        let (orig_file, orig_path) = (w.file.clone(), w.path.clone());
+        let (orig_first, orig_len, orig_next) = (w.first_seq, w.len, w.next_seq);
+        let mut created = Vec::new();
+        let updates = match self.write_batch(&mut w, batch, &mut created) {
             Ok(u) => u,
             Err(e) => {
-                w.failed = Some(e.to_string());
+                // Undo the batch (a partial pwrite, e.g. on ENOSPC, and any
+                // segment it started) so that a reopen finds exactly what
+                // was reported durable, not facts whose append failed.
+                if let Err(undo) = orig_file
+                    .set_len(orig_len)
+                    .and_then(|()| orig_file.sync_all())
+                {
+                    warn!(segment = %orig_path.display(), error = %undo, "could not undo a failed write");
+                }
+                for p in &created {
+                    let _ = fs::remove_file(p);
+                }
+                if !created.is_empty() {
+                    let _ = sync_dir(&self.dir);
+                }
+                *w = Writer {
+                    file: orig_file,
+                    path: orig_path,
+                    first_seq: orig_first,
+                    len: orig_len,
+                    next_seq: orig_next,
+                    failed: Some(e.to_string()),
+                };
                 return Err(e);
             }
         };
@@ -689,6 +719,7 @@ impl Spool {
         &self,
         w: &mut Writer,
         batch: Vec<(u64, EncodedRecord)>,
+        created: &mut Vec<PathBuf>,
     ) -> Result<Vec<SegUpdate>, SpoolError> {
         let mut updates = vec![SegUpdate {
             first_seq: w.first_seq,
@@ -709,7 +740,7 @@ impl Spool {
                 w.file
                     .sync_data()
                     .map_err(|e| SpoolError::io("fsyncing segment", &w.path, e))?;
-                let (path, file) = create_segment(&self.dir, seq)?;
+                let (path, file) = create_segment(&self.dir, seq, created)?;
                 debug!(segment = %path.display(), "started a new segment");
                 *w = Writer {
                     file: file.clone(),
@@ -883,7 +914,27 @@ impl Spool {
                 return Ok(());
             }
         }
-        write_atomic(&self.dir, ACK_FILE, format!("{seq}\n").as_bytes())?;
+        let contents = format!("{seq}\n");
+        match write_atomic(&self.dir, ACK_FILE, contents.as_bytes()) {
+            Ok(()) => {}
+            Err(SpoolError::Io { source, .. }) if source.raw_os_error() == Some(ENOSPC) => {
+                // A full disk must not stop the ack that would free it: the
+                // consumer has committed these facts, so their segments may
+                // go first. (A crash in between leaves an older ack on disk
+                // and fewer segments; the consumer's own cursor is ahead.)
+                warn!(
+                    seq,
+                    "disk full writing the ack file; trimming acknowledged segments first"
+                );
+                let unlink = {
+                    let mut st = self.lock_state();
+                    self.collect_trimmable_upto(&mut st, seq)
+                };
+                self.unlink(unlink)?;
+                write_atomic(&self.dir, ACK_FILE, contents.as_bytes())?;
+            }
+            Err(e) => return Err(e),
+        }
         let unlink = {
             let mut st = self.lock_state();
             st.acked = seq;
@@ -909,13 +960,20 @@ impl Spool {
     /// Removes from the map the sealed segments policy lets go and returns
     /// their paths for unlinking (outside the lock). Never the newest one.
     fn collect_trimmable(&self, st: &mut State) -> Vec<PathBuf> {
+        let acked = st.acked;
+        self.collect_trimmable_upto(st, acked)
+    }
+
+    /// [`Spool::collect_trimmable`] with segments up to `acked` counting as
+    /// acknowledged.
+    fn collect_trimmable_upto(&self, st: &mut State, acked_seq: u64) -> Vec<PathBuf> {
         let mut out = Vec::new();
         let now = SystemTime::now();
         while st.segments.len() > 1 {
             let Some(oldest) = st.segments.values().next() else {
                 break;
             };
-            let acked = oldest.next_seq <= st.acked + 1;
+            let acked = oldest.next_seq <= acked_seq + 1;
             let expired = match self.cfg.retention {
                 Retention::DropOldest { max_age: Some(age) } => now
                     .duration_since(oldest.modified)
@@ -1187,7 +1245,13 @@ fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
     dir.join(format!("{first_seq:020}.{SEGMENT_EXT}"))
 }
 
-fn create_segment(dir: &Path, first_seq: u64) -> Result<(PathBuf, Arc<File>), SpoolError> {
+/// Creates a segment file with its header; its path goes into `created` as
+/// soon as the file exists, so a failed batch can remove it.
+fn create_segment(
+    dir: &Path,
+    first_seq: u64,
+    created: &mut Vec<PathBuf>,
+) -> Result<(PathBuf, Arc<File>), SpoolError> {
     let path = segment_path(dir, first_seq);
     let file = OpenOptions::new()
         .read(true)
@@ -1195,6 +1259,7 @@ fn create_segment(dir: &Path, first_seq: u64) -> Result<(PathBuf, Arc<File>), Sp
         .create_new(true)
         .open(&path)
         .map_err(|e| SpoolError::io("creating segment", &path, e))?;
+    created.push(path.clone());
     write_at(&file, &path, &record::segment_header(first_seq), 0)?;
     file.sync_all()
         .map_err(|e| SpoolError::io("fsyncing segment", &path, e))?;
