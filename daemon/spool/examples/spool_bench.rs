@@ -1,6 +1,6 @@
 //! Durable appends per second, fsync on, on the disk that holds `--dir`.
 //!
-//! `cargo run --release -p liminal-spool --example spool_bench -- [--secs N] [--dir DIR]`
+//! `cargo run --release -p liminal-spool --example spool_bench -- [--secs N] [--dir DIR] [--recovery-mb MB]`
 //!
 //! Scenarios (each for N seconds, default 3), ~300-byte signal facts built
 //! with liminal-facts:
@@ -11,7 +11,9 @@
 //!   with one fsync at a time (`max_inflight` 1) and overlapping (4).
 //! - `spool 1x64`: one appender, 64 facts per `append` (a batching caller).
 //!
-//! Prints facts/s, p50/p99 latency of one call, and fsyncs per second.
+//! Prints facts/s, p50/p99 latency of one call, and fsyncs per second; then
+//! (`--recovery-mb`, default 100, 0 to skip) the time to reopen a spool of
+//! that size and to replay it with `read_since`.
 
 use liminal_facts::{FactBody, SignalFact, SignalKind, Timestamp, Ulid};
 use liminal_spool::{Spool, SpoolConfig};
@@ -177,6 +179,48 @@ fn spool(
     Ok(r)
 }
 
+/// Fills a spool with `mb` MiB of facts, then times a reopen (recovery scans
+/// and checksums everything) and a full replay with `read_since` in pages
+/// of 10,000 (what a consumer's catch-up does). Page cache warm.
+fn recovery(dir: &Path, mb: u64) -> anyhow_free::Res<()> {
+    let sdir = dir.join("recovery");
+    let facts: Vec<FactBody> = (0..1024).map(signal).collect();
+    let (spool, _) = Spool::open(&sdir, SpoolConfig::default())?;
+    let t = Instant::now();
+    while spool.disk_usage() < mb * 1024 * 1024 {
+        spool.append(&facts)?;
+    }
+    let fill = t.elapsed();
+    let (count, bytes) = (spool.last_seq(), spool.disk_usage());
+    drop(spool);
+    let t = Instant::now();
+    let (spool, report) = Spool::open(&sdir, SpoolConfig::default())?;
+    let open = t.elapsed();
+    assert_eq!(report.last_seq, count);
+    let t = Instant::now();
+    let mut after = 0;
+    loop {
+        let page = spool.read_since(after, 10_000)?;
+        let Some(last) = page.last() else { break };
+        after = last.0;
+    }
+    let replay = t.elapsed();
+    assert_eq!(after, count);
+    let mib = bytes as f64 / (1024.0 * 1024.0);
+    println!(
+        "recovery: {count} facts, {mib:.0} MiB in {} segments; fill (1024/append) {:.0} facts/s; reopen {:.0} ms ({:.0} MiB/s); replay read_since {:.0} ms ({:.0} facts/s)",
+        report.segments,
+        count as f64 / fill.as_secs_f64(),
+        open.as_secs_f64() * 1e3,
+        mib / open.as_secs_f64(),
+        replay.as_secs_f64() * 1e3,
+        count as f64 / replay.as_secs_f64(),
+    );
+    drop(spool);
+    std::fs::remove_dir_all(&sdir)?;
+    Ok(())
+}
+
 /// Error plumbing for a binary without anyhow.
 mod anyhow_free {
     pub type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -184,11 +228,15 @@ mod anyhow_free {
 
 fn main() -> anyhow_free::Res<()> {
     let mut secs = 3u64;
+    let mut recovery_mb = 100u64;
     let mut dir: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--secs" => secs = args.next().ok_or("--secs needs a value")?.parse()?,
+            "--recovery-mb" => {
+                recovery_mb = args.next().ok_or("--recovery-mb needs a value")?.parse()?
+            }
             "--dir" => dir = Some(args.next().ok_or("--dir needs a value")?.into()),
             other => return Err(format!("unknown argument {other}").into()),
         }
@@ -219,5 +267,8 @@ fn main() -> anyhow_free::Res<()> {
         print!("  {} {:.2}x;", r.name, r.rate() / base1);
     }
     println!();
+    if recovery_mb > 0 {
+        recovery(tmp.path(), recovery_mb)?;
+    }
     Ok(())
 }
