@@ -1,1 +1,323 @@
-//! TODO(owner): see lib.rs module map.
+//! The protocol between the engine ([`crate::runner`]) and the single-threaded
+//! `liminal-sandbox` helper that drives libcontainer.
+//!
+//! One helper process runs one job:
+//! - the engine writes one [`Job`] as JSON on the helper's **stdin** and closes it;
+//! - the helper inherits the container's extra descriptors **at their final
+//!   numbers** `3 .. 3 + preserved_fds` (signals pipe, secret memfds), so they
+//!   need no renumbering inside the container (libcontainer's `preserve_fds`);
+//! - it inherits the container's stdout and stderr (pipe write ends) and its
+//!   own report pipe at the numbers the job names;
+//! - it writes exactly one [`JobReport`] as JSON to the report fd before it
+//!   exits, and diagnostics (tracing) on its own stderr;
+//! - SIGTERM or SIGINT to the helper means "cancel": it kills the container's
+//!   cgroup (TERM, grace, KILL), cleans up and reports `cancelled`.
+//!
+//! The helper crate includes this file by path (`#[path]`), so it must depend
+//! on nothing but `serde`, `nix` and std. The cgroupfs helpers at the end are
+//! shared for the same reason: the engine cleans up after a helper that died.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Bumped on any incompatible change; the helper refuses other versions.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// First descriptor number the helper inherits for the container (the
+/// signals pipe); secrets follow.
+pub const FIRST_CONTAINER_FD: i32 = 3;
+
+/// Exit code of the helper when it wrote a report (whatever the container did).
+pub const HELPER_EXIT_REPORTED: i32 = 0;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub version: u32,
+    /// libcontainer container id (also the last cgroup path component).
+    pub container_id: String,
+    /// libcontainer state root (`<state_dir>/containers`).
+    pub state_root: PathBuf,
+    /// Per-run folder the helper may write (`config.json`, overlay dirs).
+    pub bundle: PathBuf,
+    /// The image's root filesystem on the host; never written.
+    pub rootfs: PathBuf,
+    pub args: Vec<String>,
+    /// The complete environment of the container process.
+    pub env: BTreeMap<String, String>,
+    /// Working directory inside (the plan's workdir).
+    pub cwd: String,
+    pub hostname: String,
+    pub domainname: String,
+    pub umask: u32,
+    /// Bind mounts, in order (workdir, /tmp, then the plan's inputs).
+    pub mounts: Vec<BindMount>,
+    pub network: Network,
+    /// Container uid/gid 0 maps to host `id_map.host_id` (`size` ids).
+    pub id_map: IdMap,
+    pub resources: Limits,
+    /// Absolute cgroup path (relative to each hierarchy's root).
+    pub cgroup_path: String,
+    /// Container descriptors inherited at `3 .. 3 + preserved_fds`.
+    pub preserved_fds: u32,
+    pub stdout_fd: i32,
+    pub stderr_fd: i32,
+    pub report_fd: i32,
+    pub timeout_ms: u64,
+    /// Between SIGTERM and SIGKILL on timeout or cancel.
+    pub kill_grace_ms: u64,
+    pub rlimits: Vec<Rlimit>,
+    /// Paths (inside) where the workload may write: landlock allows writes
+    /// beneath them and nowhere else (besides writing to existing devices).
+    pub writable_paths: Vec<String>,
+    /// Offset CLOCK_MONOTONIC and CLOCK_BOOTTIME in a time namespace so they
+    /// start near zero.
+    pub reset_clocks: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindMount {
+    pub source: PathBuf,
+    pub target: String,
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Network {
+    /// A fresh network namespace with loopback down: no traffic at all.
+    None,
+    /// A fresh network namespace with its own loopback up.
+    Loopback,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMap {
+    pub host_id: u32,
+    pub size: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub pids: u32,
+    pub cpus: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// OCI name, e.g. `RLIMIT_NOFILE`.
+    pub kind: String,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// What happened, written once by the helper.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobReport {
+    pub outcome: Outcome,
+    pub timed_out: bool,
+    pub cancelled: bool,
+    /// The kernel's OOM killer killed a process in the container's cgroup.
+    pub oom_killed: bool,
+    /// Problems removing the container, cgroups or state; the engine retries.
+    pub cleanup_errors: Vec<String>,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The container's init process exited with this code.
+    Exited { code: i32 },
+    /// It was killed by this signal.
+    Signaled { signal: i32 },
+    /// The sandbox could not be set up; the command never ran.
+    SetupFailed { message: String },
+}
+
+/// Microseconds spent in each phase, for diagnostics and the benchmark.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timings {
+    pub create_us: u64,
+    pub start_us: u64,
+    pub wait_us: u64,
+    pub delete_us: u64,
+}
+
+// ---------------------------------------------------------------------------
+// cgroupfs housekeeping shared by the helper and the engine (which must clean
+// up after a helper that crashed or was killed, without libcontainer).
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Every mounted cgroup hierarchy: the v2 root alone on a unified host, else
+/// each v1 controller folder plus `unified` (hybrid layout).
+pub fn cgroup_hierarchies() -> Vec<PathBuf> {
+    let root = std::path::Path::new(CGROUP_ROOT);
+    if root.join("cgroup.controllers").exists() {
+        return vec![root.to_owned()];
+    }
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            let p = e.path();
+            // Symlinks like cpu -> cpu,cpuacct would list a hierarchy twice.
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) && p.join("cgroup.procs").exists() {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn rel(path: &str) -> &str {
+    path.trim_start_matches('/')
+}
+
+/// Parent folders of `cgroup_path` that do not exist yet in some hierarchy:
+/// whoever creates the cgroup also removes these afterwards (when empty).
+pub fn missing_cgroup_parents(cgroup_path: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let parents: Vec<&str> = {
+        let r = rel(cgroup_path);
+        let mut v = Vec::new();
+        let mut cur = r;
+        while let Some((p, _)) = cur.rsplit_once('/') {
+            v.push(p);
+            cur = p;
+        }
+        v
+    };
+    for h in cgroup_hierarchies() {
+        // Deepest first, so removing in order works.
+        for p in &parents {
+            let d = h.join(p);
+            if !d.exists() {
+                out.push(d);
+            }
+        }
+    }
+    out
+}
+
+/// Removes these folders if they are empty cgroups (deepest listed first);
+/// a concurrent run still using one keeps it.
+pub fn remove_empty_dirs(dirs: &[PathBuf]) {
+    for d in dirs {
+        let _ = std::fs::remove_dir(d);
+    }
+}
+
+/// How many processes the OOM killer killed in this cgroup (v1
+/// `memory.oom_control`'s `oom_kill`, v2 `memory.events`' `oom_kill`).
+pub fn cgroup_oom_kills(cgroup_path: &str) -> u64 {
+    let mut total = 0;
+    for h in cgroup_hierarchies() {
+        let d = h.join(rel(cgroup_path));
+        for f in ["memory.oom_control", "memory.events"] {
+            if let Ok(text) = std::fs::read_to_string(d.join(f)) {
+                for line in text.lines() {
+                    if let Some(n) = line.strip_prefix("oom_kill ") {
+                        total += n.trim().parse::<u64>().unwrap_or(0);
+                    }
+                }
+            }
+        }
+    }
+    total
+}
+
+/// Pids in this cgroup and below, in any hierarchy.
+pub fn cgroup_pids(cgroup_path: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for h in cgroup_hierarchies() {
+        collect_pids(&h.join(rel(cgroup_path)), &mut pids);
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+fn collect_pids(dir: &std::path::Path, out: &mut Vec<i32>) {
+    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                collect_pids(&e.path(), out);
+            }
+        }
+    }
+}
+
+fn remove_tree(dir: &std::path::Path) -> std::io::Result<()> {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_tree(&e.path())?;
+            }
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+/// SIGKILLs every process in the cgroup (until none is left: a fork bomb is
+/// bounded by its pids limit) and removes its folder in every hierarchy.
+/// Returns problems in words; empty means the cgroup is gone.
+pub fn teardown_cgroup(cgroup_path: &str) -> Vec<String> {
+    use std::time::{Duration, Instant};
+    let mut errors = Vec::new();
+    if rel(cgroup_path).is_empty() {
+        return vec!["refusing to tear down the root cgroup".to_owned()];
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pids = cgroup_pids(cgroup_path);
+        if pids.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            errors.push(format!("cgroup {cgroup_path}: processes {pids:?} survive SIGKILL"));
+            break;
+        }
+        for h in cgroup_hierarchies() {
+            let d = h.join(rel(cgroup_path));
+            // Frozen tasks (a helper killed mid-kill) ignore SIGKILL until thawed.
+            let _ = std::fs::write(d.join("freezer.state"), "THAWED");
+            let _ = std::fs::write(d.join("cgroup.freeze"), "0");
+            let _ = std::fs::write(d.join("cgroup.kill"), "1");
+        }
+        for p in pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for h in cgroup_hierarchies() {
+        let d = h.join(rel(cgroup_path));
+        if !d.exists() {
+            continue;
+        }
+        // Removal fails with EBUSY while killed tasks are still exiting.
+        let mut last = None;
+        for _ in 0..200 {
+            match remove_tree(&d) {
+                Ok(()) => {
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(e) = last {
+            errors.push(format!("removing {}: {e}", d.display()));
+        }
+    }
+    errors
+}

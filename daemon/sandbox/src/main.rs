@@ -1,1 +1,355 @@
-fn main() {}
+//! `liminal-sandbox`: runs one job in an OCI sandbox with youki's libcontainer.
+//!
+//! libcontainer changes process-wide state (dumpable flag, cwd, raw clone3),
+//! so it never runs inside the multi-threaded daemon: the engine spawns this
+//! single-threaded helper per run. The protocol (job on stdin, report on a
+//! descriptor, container descriptors inherited at fixed numbers) is documented
+//! in `liminal_engine::job`, which this crate includes by path.
+//!
+//! Must stay single-threaded: it calls `unshare(CLONE_NEWNS)` and `setns`
+//! on itself and relies on signalfd with a blocked signal mask.
+
+#[path = "../../engine/src/job.rs"]
+#[allow(dead_code)]
+mod job;
+
+mod spec;
+
+use anyhow::{bail, Context, Result};
+use job::{Job, JobReport, Outcome, Timings};
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::SignalFd;
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn main() {
+    // Diagnostics go to our own stderr; the engine logs them.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LIMINAL_SANDBOX_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,libcgroups=error")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    match real_main() {
+        Ok(()) => std::process::exit(job::HELPER_EXIT_REPORTED),
+        Err(e) => {
+            eprintln!("liminal-sandbox: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    // PLATFORM-NOTES pitfall 2: libcontainer forwards LISTEN_FDS into every
+    // container. Single-threaded here, so mutating the environment is sound.
+    for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .context("reading the job from stdin")?;
+    let job: Job = serde_json::from_str(&text).context("parsing the job")?;
+    if job.version != job::PROTOCOL_VERSION {
+        bail!(
+            "job protocol version {} (this helper speaks {})",
+            job.version,
+            job::PROTOCOL_VERSION
+        );
+    }
+    // SAFETY: the engine hands us this descriptor for exactly this purpose.
+    let mut report_file = unsafe { File::from_raw_fd(job.report_fd) };
+    let _span = tracing::info_span!("job", container = %job.container_id).entered();
+
+    let report = run_job(&job);
+    let json = serde_json::to_vec(&report).context("encoding the report")?;
+    report_file
+        .write_all(&json)
+        .context("writing the report")?;
+    Ok(())
+}
+
+/// Runs the job and always returns a report; cleanup happens on every path.
+fn run_job(job: &Job) -> JobReport {
+    let mut report = JobReport {
+        outcome: Outcome::SetupFailed {
+            message: String::new(),
+        },
+        timed_out: false,
+        cancelled: false,
+        oom_killed: false,
+        cleanup_errors: Vec::new(),
+        timings: Timings::default(),
+    };
+    let created_parents = job::missing_cgroup_parents(&job.cgroup_path);
+    match supervise(job, &mut report) {
+        Ok(outcome) => report.outcome = outcome,
+        Err(e) => {
+            tracing::warn!("sandbox setup failed: {e:#}");
+            report.outcome = Outcome::SetupFailed {
+                message: format!("{e:#}"),
+            }
+        }
+    }
+    let t = Instant::now();
+    report.oom_killed = report.oom_killed || job::cgroup_oom_kills(&job.cgroup_path) > 0;
+    cleanup(job, &created_parents, &mut report.cleanup_errors);
+    report.timings.delete_us = t.elapsed().as_micros() as u64;
+    report
+}
+
+fn supervise(job: &Job, report: &mut JobReport) -> Result<Outcome> {
+    // Signals that mean "cancel" arrive through a signalfd. The mask is
+    // inherited by the container, so the executor clears it before exec.
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGTERM);
+    mask.add(Signal::SIGINT);
+    mask.thread_block().context("blocking SIGTERM/SIGINT")?;
+    let sigfd = SignalFd::new(&mask).context("signalfd")?;
+
+    // A private mount namespace for the helper: the rootfs overlay (if any)
+    // lives only here and disappears with the last process using it, even if
+    // this helper is killed.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making / private in the helper's mount namespace")?;
+
+    std::fs::create_dir_all(&job.bundle)
+        .with_context(|| format!("creating bundle {}", job.bundle.display()))?;
+    let rootfs = spec::prepare_rootfs(job)?;
+    let config = spec::build(job, &rootfs)?; // rootfs: staged paths
+    std::fs::write(job.bundle.join("config.json"), serde_json::to_vec(&config)?)
+        .context("writing config.json")?;
+
+    let t = Instant::now();
+    let devnull = File::open("/dev/null").context("opening /dev/null")?;
+    // SAFETY: the engine passes these descriptors for the container's stdio.
+    let stdout = unsafe { OwnedFd::from_raw_fd(job.stdout_fd) };
+    let stderr = unsafe { OwnedFd::from_raw_fd(job.stderr_fd) };
+    let executor = LiminalExecutor {
+        writable: job.writable_paths.clone(),
+    };
+    let mut container = ContainerBuilder::new(job.container_id.clone(), SyscallType::default())
+        .with_root_path(&job.state_root)
+        .context("state root")?
+        .with_preserved_fds(job.preserved_fds as i32)
+        .with_executor(executor)
+        .with_stdin(OwnedFd::from(devnull))
+        .with_stdout(stdout)
+        .with_stderr(stderr)
+        .validate_id()
+        .context("container id")?
+        .as_init(&job.bundle)
+        .with_systemd(false)
+        .with_detach(true)
+        .build()
+        .context("creating the container")?;
+    // The container has its copies; ours would keep the engine's pipes open.
+    for fd in 0..job.preserved_fds as RawFd {
+        let _ = nix::unistd::close(job::FIRST_CONTAINER_FD + fd);
+    }
+    let pid = container.pid().context("created container has no pid")?;
+    if job.network == job::Network::Loopback {
+        loopback_up(pid).context("bringing loopback up")?;
+    }
+    report.timings.create_us = t.elapsed().as_micros() as u64;
+
+    let t = Instant::now();
+    container.start().context("starting the container")?;
+    report.timings.start_us = t.elapsed().as_micros() as u64;
+
+    let t = Instant::now();
+    let status = wait_with_deadline(job, &mut container, pid, &sigfd, report)?;
+    report.timings.wait_us = t.elapsed().as_micros() as u64;
+    Ok(match status {
+        WaitStatus::Exited(_, code) => Outcome::Exited { code },
+        WaitStatus::Signaled(_, sig, _) => Outcome::Signaled { signal: sig as i32 },
+        other => Outcome::SetupFailed {
+            message: format!("unexpected wait status {other:?}"),
+        },
+    })
+}
+
+/// Waits for the init process; on timeout or cancel kills the whole cgroup
+/// (TERM, grace, KILL) and still reaps it.
+fn wait_with_deadline(
+    job: &Job,
+    container: &mut Container,
+    pid: Pid,
+    sigfd: &SignalFd,
+    report: &mut JobReport,
+) -> Result<WaitStatus> {
+    let pidfd = pidfd_open(pid).context("pidfd_open")?;
+    let deadline = Instant::now() + Duration::from_millis(job.timeout_ms);
+    let mut kill_at: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        let next = match kill_at {
+            Some(k) => k,
+            None => deadline,
+        };
+        let wait_ms = next.saturating_duration_since(now).as_millis().min(60_000) as u16 as i32;
+        let wait_ms = if next <= now { 0 } else { wait_ms.max(1) };
+        let mut fds = [
+            PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::try_from(wait_ms).unwrap_or(PollTimeout::MAX)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e).context("poll"),
+        }
+        let exited = fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        let signalled = fds[1].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        if exited {
+            return waitpid(pid, None).context("waitpid");
+        }
+        if signalled {
+            let _ = sigfd.read_signal();
+            if !report.cancelled && !report.timed_out {
+                tracing::info!("cancelled: stopping the container");
+                report.cancelled = true;
+                kill_all(container, Signal::SIGTERM);
+                kill_at = Some(Instant::now() + Duration::from_millis(job.kill_grace_ms));
+            }
+            continue;
+        }
+        let now = Instant::now();
+        match kill_at {
+            None if now >= deadline => {
+                tracing::info!("timeout after {} ms: stopping the container", job.timeout_ms);
+                report.timed_out = true;
+                kill_all(container, Signal::SIGTERM);
+                kill_at = Some(now + Duration::from_millis(job.kill_grace_ms));
+            }
+            Some(k) if now >= k => {
+                kill_all(container, Signal::SIGKILL);
+                // Init is gone after SIGKILL; poll again only to reap it.
+                kill_at = Some(now + Duration::from_secs(3600));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn kill_all(container: &mut Container, sig: Signal) {
+    if let Err(e) = container.kill(sig, true) {
+        tracing::warn!("kill {sig} to the container's cgroup: {e}");
+    }
+}
+
+/// Deletes the container (state dir, cgroups) and anything setup left behind.
+fn cleanup(job: &Job, created_parents: &[PathBuf], errors: &mut Vec<String>) {
+    let dir = job.state_root.join(&job.container_id);
+    if dir.exists() {
+        match Container::load(dir.clone()) {
+            Ok(mut c) => {
+                if let Err(e) = c.delete(true) {
+                    errors.push(format!("deleting container {}: {e}", job.container_id));
+                }
+            }
+            Err(e) => errors.push(format!("loading container state {}: {e}", dir.display())),
+        }
+        if dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                errors.push(format!("removing {}: {e}", dir.display()));
+            }
+        }
+    }
+    // Whatever libcontainer left (setup failed halfway, delete failed).
+    errors.extend(job::teardown_cgroup(&job.cgroup_path));
+    job::remove_empty_dirs(created_parents);
+}
+
+#[derive(Clone)]
+struct LiminalExecutor {
+    writable: Vec<String>,
+}
+
+impl Executor for LiminalExecutor {
+    fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
+        // The helper's blocked mask and Rust's ignored SIGPIPE would survive exec.
+        let _ = SigSet::empty().thread_set_mask();
+        let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+        // SAFETY: restoring a default disposition just before exec.
+        unsafe {
+            let _ = nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl);
+        }
+        spec::restrict_writes(&self.writable).map_err(|e| ExecutorError::Other(format!("landlock: {e}")))?;
+        DefaultExecutor {}.exec(spec)
+    }
+
+    fn validate(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorValidationError> {
+        DefaultExecutor {}.validate(spec)
+    }
+}
+
+fn pidfd_open(pid: Pid) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall; a non-negative result is a new descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `loopback` mode: enter the container's network namespace, set `lo` up,
+/// come back. Host root owns every namespace, so this needs no capability
+/// inside the container.
+fn loopback_up(pid: Pid) -> Result<()> {
+    let own = File::open("/proc/self/ns/net").context("own netns")?;
+    let theirs = File::open(format!("/proc/{pid}/ns/net")).context("container netns")?;
+    nix::sched::setns(theirs.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+    let result = set_lo_up();
+    nix::sched::setns(own.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+        .context("returning to the host netns")?;
+    result
+}
+
+fn set_lo_up() -> Result<()> {
+    // SAFETY: a socket used only for the two interface ioctls below.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket");
+    }
+    let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+    // SAFETY: ifreq is plain data; the name is NUL-terminated.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo\0".iter().enumerate() {
+        ifr.ifr_name[i] = *b as libc::c_char;
+    }
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("SIOCGIFFLAGS lo");
+    }
+    unsafe {
+        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("SIOCSIFFLAGS lo");
+    }
+    Ok(())
+}
+
+#[allow(dead_code)]
+fn exists(p: &Path) -> bool {
+    p.symlink_metadata().is_ok()
+}
