@@ -1,0 +1,153 @@
+//! The fact pipeline: engine sinks and the daemon send facts to one spooler
+//! thread, which appends whatever has gathered in one fsynced batch (group
+//! commit), then hands the batch, now with seqs, to the announcer task that
+//! emits `FactsAppended` and moves the run objects.
+//!
+//! One writer keeps seqs and announcements in the same order; the bounded
+//! channel pushes back on a run that logs faster than the disk syncs.
+
+use liminal_facts::FactBody;
+use liminal_spool::{Spool, SpoolError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// A fact with its seq and its wire form.
+#[derive(Debug, Clone)]
+pub struct Spooled {
+    pub seq: u64,
+    pub kind: &'static str,
+    pub json: String,
+    pub body: FactBody,
+}
+
+pub type Admit = oneshot::Sender<Result<u64, String>>;
+
+pub enum SpoolMsg {
+    /// A fact; with `Some(reply)` it is refused (not retried) when the spool
+    /// is full and the reply says so (admission of a new run).
+    Fact(FactBody, Option<Admit>),
+    /// Replies once everything sent before is durable and announced.
+    Flush(oneshot::Sender<()>),
+}
+
+pub enum Announce {
+    Batch(Vec<Spooled>),
+    Flushed(oneshot::Sender<()>),
+}
+
+/// Facts taken from the channel per append at most.
+const MAX_BATCH: usize = 4096;
+pub const CHANNEL_DEPTH: usize = 8192;
+
+pub fn spawn(
+    spool: Arc<Spool>,
+    rx: Receiver<SpoolMsg>,
+    out: mpsc::UnboundedSender<Announce>,
+    full: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("spooler".into())
+        .spawn(move || run(&spool, &rx, &out, &full))
+}
+
+fn run(
+    spool: &Spool,
+    rx: &Receiver<SpoolMsg>,
+    out: &mpsc::UnboundedSender<Announce>,
+    full: &AtomicBool,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut msgs = vec![first];
+        while msgs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => msgs.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut facts: Vec<(FactBody, Option<Admit>)> = Vec::with_capacity(msgs.len());
+        let mut flushes = Vec::new();
+        for m in msgs {
+            match m {
+                SpoolMsg::Fact(f, reply) => facts.push((f, reply)),
+                SpoolMsg::Flush(tx) => flushes.push(tx),
+            }
+        }
+        let spooled = append_with_retry(spool, facts, full);
+        if !spooled.is_empty() && out.send(Announce::Batch(spooled)).is_err() {
+            return;
+        }
+        for tx in flushes {
+            let _ = out.send(Announce::Flushed(tx));
+        }
+    }
+}
+
+/// Appends; on `Full` refuses admission facts and retries the rest (the
+/// engine's facts wait: a run in progress must not lose facts), on other
+/// errors retries after a pause.
+fn append_with_retry(
+    spool: &Spool,
+    mut facts: Vec<(FactBody, Option<Admit>)>,
+    full: &AtomicBool,
+) -> Vec<Spooled> {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        if facts.is_empty() {
+            return Vec::new();
+        }
+        match spool.append(facts.iter().map(|(f, _)| f)) {
+            Ok(receipt) => {
+                full.store(false, Ordering::Relaxed);
+                return facts
+                    .into_iter()
+                    .zip(receipt.seqs())
+                    .map(|((body, reply), seq)| {
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Ok(seq));
+                        }
+                        let (kind, json) = body.to_wire();
+                        Spooled {
+                            seq,
+                            kind,
+                            json,
+                            body,
+                        }
+                    })
+                    .collect();
+            }
+            Err(e) => {
+                if matches!(e, SpoolError::Full { .. }) {
+                    full.store(true, Ordering::Relaxed);
+                }
+                tracing::error!(error = %e, facts = facts.len(), "spool append failed; retrying");
+                // Admission facts fail fast; the caller reports SpoolFull.
+                facts.retain_mut(|(_, reply)| match reply.take() {
+                    Some(tx) => {
+                        let _ = tx.send(Err(e.to_string()));
+                        false
+                    }
+                    None => true,
+                });
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Blocks until the spooler has durably written and announced everything
+/// sent before. Used at shutdown.
+pub async fn flush(tx: &SyncSender<SpoolMsg>) {
+    let (done_tx, done_rx) = oneshot::channel();
+    let tx = tx.clone();
+    // The channel may be full: send from a blocking thread.
+    let sent = tokio::task::spawn_blocking(move || tx.send(SpoolMsg::Flush(done_tx)).is_ok())
+        .await
+        .unwrap_or(false);
+    if sent {
+        let _ = tokio::time::timeout(Duration::from_secs(30), done_rx).await;
+    }
+}
