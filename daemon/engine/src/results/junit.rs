@@ -24,8 +24,9 @@
 //!   several of them (pytest writes a failure and a teardown error on the
 //!   same case). Surefire's `flakyFailure`/`rerunFailure` are ignored: the
 //!   case's own status is the final one.
-//! - **Message**: the element's `message` attribute and its text (a stack
-//!   trace); the text alone when it already contains the message.
+//! - **Message**: the element's `message` attribute, a newline, and its
+//!   text (a stack trace); the text alone when its first line already
+//!   contains the message (Surefire, pytest skips).
 //! - **Output**: the case's `system-out`, then its `system-err` after a
 //!   `--- system-err ---` line. Suite-level output is not attached to tests.
 //! - **Duration**: the case's `time` in seconds (see `seconds_to_ms`).
@@ -375,6 +376,10 @@ fn append(slot: &mut Option<String>, text: String) {
     }
 }
 
+fn first_line(t: &str) -> &str {
+    t.lines().find(|l| !l.trim().is_empty()).unwrap_or("")
+}
+
 fn combine_message(message: Option<String>, text: &str) -> Option<String> {
     let message = message
         .map(|m| m.trim().to_string())
@@ -385,7 +390,8 @@ fn combine_message(message: Option<String>, text: &str) -> Option<String> {
         (None, "") => None,
         (Some(m), "") => Some(m),
         (None, t) => Some(t.to_string()),
-        (Some(m), t) if t.contains(&m) => Some(t.to_string()),
+        // The trace usually restates the message on its first line.
+        (Some(m), t) if first_line(t).contains(&m) => Some(t.to_string()),
         (Some(m), t) => Some(format!("{m}\n{t}")),
     }
 }

@@ -15,14 +15,16 @@
 //!   `<plan>` error (the producer most likely died before writing it).
 //! - **Test points** `ok`/`not ok`, optional number, optional `- `, then the
 //!   description (`\#` is a literal `#`). Name = the description, or
-//!   `test N` when there is none.
+//!   `test N` when there is none. A `#` that starts no directive stays in
+//!   the description, except node-tap's `# time=1.2ms` trailer, which is
+//!   taken as the duration when there is no YAML one.
 //! - **Directives** `# SKIP` and `# TODO` (case-insensitive, `skipped` etc.
 //!   accepted as TAP 13 producers write them): SKIP → `skipped` whatever the
 //!   ok/not ok. TODO follows the TAP spec: a failing TODO test does not fail
 //!   the run, so `not ok … # TODO` → `skipped`, and `ok … # TODO` (it
 //!   unexpectedly passes) → `passed`. The directive's reason is the message.
 //! - **YAML diagnostics** (`  ---` … `  ...`, indented two spaces more than
-//!   the test point): `message` becomes the message; `duration_ms` (a number
+//!   the test point): `message` (or node:test's `error`) becomes the message; `duration_ms` (a number
 //!   of milliseconds) or `duration` (a number of milliseconds, or a string
 //!   with an `ms`/`s` unit) becomes the duration. A block that is not valid
 //!   YAML is ignored. Without a YAML message, `# ` comment lines right after
@@ -117,6 +119,8 @@ struct Plan {
 
 struct Point<'a> {
     ok: bool,
+    /// From a `# time=…` trailer (node-tap), in milliseconds.
+    time_ms: Option<u64>,
     number: Option<u64>,
     description: String,
     directive: Option<(Directive, &'a str)>,
@@ -236,14 +240,22 @@ fn parse_point(body: &str) -> Option<Point<'_>> {
                         .unwrap_or(after.len());
                     (&rest[..h], Some((k, after[word_end..].trim())))
                 }
-                // A '#' that starts no directive is part of the description.
+                // node-tap's `# time=1.2ms` trailer is a timing, not part of
+                // the name.
+                None if lower.starts_with("time=") => (&rest[..h], None),
+                // Any other '#' is part of the description.
                 None => (rest, None),
             }
         }
         None => (rest, None),
     };
+    let time_ms = hash
+        .map(|h| rest[h + 1..].trim_start())
+        .and_then(|a| a.strip_prefix("time="))
+        .and_then(|t| yaml_duration_ms(&Yaml::String(t.trim().to_string()), true));
     Some(Point {
         ok,
+        time_ms,
         number,
         description: desc.trim().replace("\\#", "#").replace("\\\\", "\\"),
         directive,
@@ -470,7 +482,8 @@ fn point_result(p: &Point<'_>, yaml: Option<&Yaml>) -> ParsedTest {
     let mut message = reason.filter(|r| !r.is_empty()).map(str::to_string);
     let mut duration_ms = 0;
     if let Some(y) = yaml {
-        if let Some(m) = yaml_text(&y["message"]) {
+        // `message` is the TAP convention; node:test writes `error`.
+        if let Some(m) = yaml_text(&y["message"]).or_else(|| yaml_text(&y["error"])) {
             message = Some(match message {
                 Some(r) => format!("{r}\n{m}"),
                 None => m,
@@ -478,7 +491,10 @@ fn point_result(p: &Point<'_>, yaml: Option<&Yaml>) -> ParsedTest {
         }
         duration_ms = yaml_duration_ms(&y["duration_ms"], false)
             .or_else(|| yaml_duration_ms(&y["duration"], true))
+            .or(p.time_ms)
             .unwrap_or(0);
+    } else if let Some(t) = p.time_ms {
+        duration_ms = t;
     }
     ParsedTest {
         name,
