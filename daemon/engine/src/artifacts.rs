@@ -87,6 +87,10 @@ fn hash_open_file(file: &File) -> io::Result<(blake3::Hash, u64)> {
         hasher.update_rayon(&map);
     } else {
         let mut reader = file;
+        // Hash the whole file wherever its cursor is (pipes cannot seek).
+        if reader.stream_position().is_ok_and(|p| p != 0) {
+            reader.rewind()?;
+        }
         hasher.update_reader(&mut reader)?;
     }
     Ok((hasher.finalize(), hasher.count()))
@@ -446,5 +450,208 @@ mod tests {
         assert!(!s.is_match("out/sub/a.tar.gz"));
         assert!(s.is_match("logs/a.log"));
         assert!(s.is_match("logs/x/y/a.log"));
+    }
+
+    fn tree() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        let w = d.path().join("work");
+        fs::create_dir_all(w.join("out/sub")).unwrap();
+        fs::create_dir_all(w.join("logs/a/b")).unwrap();
+        fs::write(w.join("out/app.tar.gz"), b"tarball").unwrap();
+        fs::write(w.join("out/b.tar.gz"), b"tarball").unwrap(); // same content
+        fs::write(w.join("out/sub/deep.tar.gz"), b"deep").unwrap();
+        fs::write(w.join("out/readme.txt"), b"text").unwrap();
+        fs::write(w.join("logs/top.log"), b"top").unwrap();
+        fs::write(w.join("logs/a/b/inner.log"), b"inner").unwrap();
+        d
+    }
+
+    fn paths(v: &[CollectedArtifact]) -> Vec<&str> {
+        v.iter().map(|a| a.path.as_str()).collect()
+    }
+
+    #[test]
+    fn cas_put_bytes_and_file() {
+        let d = tempfile::tempdir().unwrap();
+        let cas = Cas::open(&d.path().join("cas")).unwrap();
+        let (hex, n) = cas.put_bytes(b"hello").unwrap();
+        assert_eq!(hex, blake3::hash(b"hello").to_hex().as_str());
+        assert_eq!(n, 5);
+        let obj = cas.path_of(&hex);
+        assert_eq!(obj, d.path().join("cas").join(&hex[..2]).join(&hex));
+        assert_eq!(fs::read(&obj).unwrap(), b"hello");
+        assert_eq!(
+            fs::metadata(&obj).unwrap().permissions().mode() & 0o777,
+            0o444
+        );
+
+        // Storing it again does not rewrite the object.
+        let before = fs::metadata(&obj).unwrap().modified().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let f = d.path().join("same.txt");
+        fs::write(&f, b"hello").unwrap();
+        assert_eq!(cas.put_file(&f).unwrap(), (hex.clone(), 5));
+        assert_eq!(fs::metadata(&obj).unwrap().modified().unwrap(), before);
+
+        // A large file goes through the mapped path.
+        let big: Vec<u8> = (0..(MMAP_THRESHOLD as usize * 3))
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let bf = d.path().join("big.bin");
+        fs::write(&bf, &big).unwrap();
+        let (bhex, bn) = cas.put_file(&bf).unwrap();
+        assert_eq!(bhex, blake3::hash(&big).to_hex().as_str());
+        assert_eq!(bn, big.len() as u64);
+        assert_eq!(fs::read(cas.path_of(&bhex)).unwrap(), big);
+
+        assert!(matches!(
+            cas.put_file(d.path()),
+            Err(ArtifactError::NotRegular { .. })
+        ));
+        assert!(matches!(
+            cas.put_file(&d.path().join("nope")),
+            Err(ArtifactError::Read { .. })
+        ));
+        assert_eq!(fs::read_dir(cas.root().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn cas_concurrent_puts_of_the_same_content() {
+        let d = tempfile::tempdir().unwrap();
+        let cas = Cas::open(d.path()).unwrap();
+        let data: Vec<u8> = (0..(2 << 20)).map(|i| (i % 241) as u8).collect();
+        let src = d.path().join("src.bin");
+        fs::write(&src, &data).unwrap();
+        let results: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|i| {
+                    let (cas, src, data) = (&cas, &src, &data);
+                    s.spawn(move || {
+                        if i % 2 == 0 {
+                            cas.put_file(src)
+                        } else {
+                            cas.put_bytes(data)
+                        }
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let want = blake3::hash(&data).to_hex().to_string();
+        for r in results {
+            assert_eq!(r.unwrap(), (want.clone(), data.len() as u64));
+        }
+        assert_eq!(fs::read(cas.path_of(&want)).unwrap(), data);
+        let shard = cas.path_of(&want).parent().unwrap().to_path_buf();
+        assert_eq!(fs::read_dir(shard).unwrap().count(), 1);
+        assert_eq!(fs::read_dir(cas.root().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn collect_globs_nested_sorted_deduplicated() {
+        let d = tree();
+        let cas = Cas::open(&d.path().join("cas")).unwrap();
+        let w = d.path().join("work");
+        let v = collect(
+            &w,
+            &[
+                "out/*.tar.gz".into(),
+                "**/*.log".into(),
+                "out/app.tar.gz".into(),
+            ],
+            &cas,
+        )
+        .unwrap();
+        assert_eq!(
+            paths(&v),
+            [
+                "logs/a/b/inner.log",
+                "logs/top.log",
+                "out/app.tar.gz",
+                "out/b.tar.gz"
+            ]
+        );
+        assert_eq!(v[2].blake3, v[3].blake3);
+        assert_eq!(v[2].size, 7);
+        for a in &v {
+            assert_eq!(
+                fs::read(cas.path_of(&a.blake3)).unwrap(),
+                fs::read(w.join(&a.path)).unwrap()
+            );
+        }
+        let v = collect(&w, &["out/**/*.tar.gz".into()], &cas).unwrap();
+        assert_eq!(
+            paths(&v),
+            ["out/app.tar.gz", "out/b.tar.gz", "out/sub/deep.tar.gz"]
+        );
+        // No match, no globs: empty.
+        assert!(collect(&w, &["*.zip".into()], &cas).unwrap().is_empty());
+        assert!(collect(&w, &[], &cas).unwrap().is_empty());
+        // A folder matching a glob is not an artifact.
+        assert!(collect(&w, &["out/sub".into()], &cas).unwrap().is_empty());
+    }
+
+    #[test]
+    fn collect_never_follows_symlinks_out_of_the_workdir() {
+        let d = tree();
+        let cas = Cas::open(&d.path().join("cas")).unwrap();
+        let w = d.path().join("work");
+        let outside = d.path().join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("secret.tar.gz"), b"host secret").unwrap();
+        use std::os::unix::fs::symlink;
+        // Absolute and relative links to a file outside.
+        symlink(outside.join("secret.tar.gz"), w.join("out/abs.tar.gz")).unwrap();
+        symlink("../../outside/secret.tar.gz", w.join("out/rel.tar.gz")).unwrap();
+        symlink("/etc/passwd", w.join("out/passwd.tar.gz")).unwrap();
+        // A folder link leading outside: not searched.
+        symlink(&outside, w.join("out/escape")).unwrap();
+        // Dangling, and a link that stays inside (collected).
+        symlink("nothing-here", w.join("out/dangling.tar.gz")).unwrap();
+        symlink("app.tar.gz", w.join("out/inside.tar.gz")).unwrap();
+        let v = collect(&w, &["out/**".into()], &cas).unwrap();
+        assert_eq!(
+            paths(&v),
+            [
+                "out/app.tar.gz",
+                "out/b.tar.gz",
+                "out/inside.tar.gz",
+                "out/readme.txt",
+                "out/sub/deep.tar.gz"
+            ]
+        );
+        let inside = v.iter().find(|a| a.path == "out/inside.tar.gz").unwrap();
+        assert_eq!(inside.blake3, blake3::hash(b"tarball").to_hex().as_str());
+        // Nothing from outside entered the store.
+        assert!(!cas.contains(blake3::hash(b"host secret").to_hex().as_str()));
+
+        // The workdir itself may be reached through a symlink (the runner's
+        // choice); links out of its real location still do not count.
+        let wl = d.path().join("work-link");
+        symlink(&w, &wl).unwrap();
+        let v2 = collect(&wl, &["out/**".into()], &cas).unwrap();
+        assert_eq!(v2, v);
+    }
+
+    #[test]
+    fn collect_skips_special_files_and_reports_errors() {
+        let d = tree();
+        let cas = Cas::open(&d.path().join("cas")).unwrap();
+        let w = d.path().join("work");
+        nix::unistd::mkfifo(
+            &w.join("out/pipe.tar.gz"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let v = collect(&w, &["out/*.tar.gz".into()], &cas).unwrap();
+        assert_eq!(paths(&v), ["out/app.tar.gz", "out/b.tar.gz"]);
+        assert!(matches!(
+            collect(&d.path().join("missing"), &["*".into()], &cas),
+            Err(ArtifactError::Workdir { .. })
+        ));
+        assert!(matches!(
+            collect(&w, &["../work/out/*".into()], &cas),
+            Err(ArtifactError::GlobEscapes { .. })
+        ));
     }
 }
