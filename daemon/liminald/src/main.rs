@@ -251,9 +251,24 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             "marked runs interrupted by the previous stop"
         );
     }
-    conn.request_name(service::BUS_NAME)
+    // Not queued behind another owner: a second liminald fails instead of
+    // reporting ready while the first one still serves.
+    let reply = conn
+        .request_name_with_flags(
+            service::BUS_NAME,
+            zbus::fdo::RequestNameFlags::DoNotQueue.into(),
+        )
         .await
         .with_context(|| format!("owning {}", service::BUS_NAME))?;
+    if !matches!(
+        reply,
+        zbus::fdo::RequestNameReply::PrimaryOwner | zbus::fdo::RequestNameReply::AlreadyOwner
+    ) {
+        anyhow::bail!(
+            "{} is already owned by another process ({reply:?})",
+            service::BUS_NAME
+        );
+    }
     notify::ready(&shared.status_line());
     tracing::info!(name = service::BUS_NAME, state_dir = %state_dir.display(), "liminald ready");
     if let Some(every) = notify::watchdog_interval() {

@@ -25,9 +25,17 @@ fn send(states: &[NotifyState<'_>]) {
 
 /// The ping interval when systemd watches us (half of WATCHDOG_USEC, as
 /// sd_watchdog_enabled(3) recommends), `None` otherwise.
+///
+/// Same rule as libsystemd: WATCHDOG_USEC set, and WATCHDOG_PID, when set,
+/// naming this process (the sd-notify crate insists on WATCHDOG_PID).
 pub fn watchdog_interval() -> Option<Duration> {
-    let mut usec = 0u64;
-    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
 /// Pings from a task on the daemon's runtime: if the runtime wedges, the
