@@ -39,7 +39,7 @@ pub fn config() -> EngineConfig {
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "localhost".into()),
-        cgroup_parent: std::env::var("LIMINAL_CGROUP_PARENT").unwrap_or_else(|_| "liminal".into()),
+        cgroup_parent: std::env::var("LIMINAL_CGROUP_PARENT").unwrap_or_default(),
         credentials_dir: env_path("CREDENTIALS_DIRECTORY"),
     }
 }

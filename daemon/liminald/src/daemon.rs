@@ -29,7 +29,7 @@ pub struct Settings {
     pub max_concurrent: usize,
     pub queue_depth: u32,
     pub on_stop: OnStop,
-    pub engine: EngineConfig,
+    pub engine: Arc<EngineConfig>,
     pub auth: Authorizer,
 }
 
@@ -257,7 +257,7 @@ impl Shared {
         self.active.fetch_add(1, Ordering::SeqCst);
         self.status_changed().await;
         tracing::info!("run starting");
-        let cfg = self.settings.engine.clone();
+        let cfg = Arc::clone(&self.settings.engine);
         let tx = self.facts_tx.clone();
         let span = tracing::Span::current();
         let plan_name = plan.name.clone();

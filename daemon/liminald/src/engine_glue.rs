@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-#[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub state_dir: PathBuf,
     pub cache_dir: PathBuf,

@@ -46,8 +46,8 @@ struct Args {
     /// The liminal-sandbox helper. Default: next to this executable.
     #[arg(long, env = "LIMINAL_SANDBOX_HELPER")]
     sandbox_helper: Option<PathBuf>,
-    /// cgroup under which run cgroups are created.
-    #[arg(long, env = "LIMINAL_CGROUP_PARENT", default_value = "liminal")]
+    /// cgroup under which run cgroups are created (default: liminald's own).
+    #[arg(long, env = "LIMINAL_CGROUP_PARENT", default_value = "")]
     cgroup_parent: String,
     /// Group allowed to call when polkit is not on the bus.
     #[arg(long, env = "LIMINAL_ACCESS_GROUP", default_value = "liminal")]
@@ -173,8 +173,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         cgroup_parent: args.cgroup_parent,
         credentials_dir: env_dir("CREDENTIALS_DIRECTORY"),
     };
+    let engine = Arc::new(engine);
     match tokio::task::spawn_blocking({
-        let engine = engine.clone();
+        let engine = Arc::clone(&engine);
         move || engine_glue::cleanup_orphans(&engine)
     })
     .await?
