@@ -585,7 +585,7 @@ fn consumer_reads_and_acks_while_appenders_run() {
         let spool = spool.clone();
         std::thread::spawn(move || {
             let mut cursor = 0u64;
-            let mut next_n = vec![0usize; THREADS];
+            let mut next_n = [0usize; THREADS];
             let started = std::time::Instant::now();
             while cursor < total {
                 assert!(
