@@ -163,7 +163,8 @@ pub fn cgroup_hierarchies() -> Vec<PathBuf> {
         for e in rd.flatten() {
             let p = e.path();
             // Symlinks like cpu -> cpu,cpuacct would list a hierarchy twice.
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) && p.join("cgroup.procs").exists() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) && p.join("cgroup.procs").exists()
+            {
                 out.push(p);
             }
         }
@@ -283,7 +284,9 @@ pub fn teardown_cgroup(cgroup_path: &str) -> Vec<String> {
             break;
         }
         if Instant::now() > deadline {
-            errors.push(format!("cgroup {cgroup_path}: processes {pids:?} survive SIGKILL"));
+            errors.push(format!(
+                "cgroup {cgroup_path}: processes {pids:?} survive SIGKILL"
+            ));
             break;
         }
         for h in cgroup_hierarchies() {
@@ -294,7 +297,10 @@ pub fn teardown_cgroup(cgroup_path: &str) -> Vec<String> {
             let _ = std::fs::write(d.join("cgroup.kill"), "1");
         }
         for p in pids {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     }

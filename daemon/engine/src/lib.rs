@@ -25,3 +25,8 @@ pub mod results;
 pub mod runner;
 pub mod secrets;
 pub mod signals;
+
+pub use runner::{
+    cleanup_orphans, run, CancelHandle, CleanupReport, EngineConfig, EngineError, RunOutcome,
+    RunRequest, TestSummary,
+};

@@ -1,1 +1,1180 @@
-//! TODO(owner): see lib.rs module map.
+//! Runs one plan: resolves its inputs, spawns the `liminal-sandbox` helper,
+//! reads the container's output while it runs, enforces cancellation, turns
+//! what happened into facts and cleans up on every path.
+//!
+//! Blocking and thread-safe: the daemon calls [`run`] from a blocking thread.
+//! libcontainer never runs in this process (see [`crate::job`]).
+
+use crate::artifacts::{self, Cas, CollectedArtifact};
+use crate::job::{self, BindMount, IdMap, Job, JobReport, Limits, Network, Outcome, Rlimit};
+use crate::results::{self, ReportError};
+use crate::signals::{self, LineSplitter, Redactor};
+use crate::{digest, image, secrets};
+use liminal_facts::{
+    new_id, ArtifactFact, FactBody, RunFact, RunStatus, SignalFact, SignalKind, TestResultFact,
+    TestStatus, Timestamp, Ulid,
+};
+use liminal_plan::{NetworkMode, Plan, ResultsFormat};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Host id that container uid/gid 0 maps to, and how many ids.
+pub const ID_MAP: IdMap = IdMap {
+    host_id: 100_000,
+    size: 65_536,
+};
+pub const HOSTNAME: &str = "liminal";
+pub const DOMAINNAME: &str = "liminal.invalid";
+pub const UMASK: u32 = 0o022;
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Per-run, host-backed and writable: a sensible HOME for tools that write
+/// dotfiles, without putting them among the workdir's artifacts.
+pub const HOME: &str = "/tmp";
+/// Between SIGTERM and SIGKILL on timeout and cancel.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+/// Captured bytes per stream; the rest is drained and counted, not kept.
+pub const MAX_STREAM_BYTES: u64 = 16 << 20;
+/// Longest stdout/stderr/signal line kept whole; longer ones are cut.
+pub const MAX_LINE: usize = 64 << 10;
+/// Largest JUnit/TAP report read.
+pub const MAX_REPORT_BYTES: u64 = 64 << 20;
+/// Signals accepted on LIMINAL_SIGNALS_FD per run.
+pub const MAX_SIGNAL_LINES: u64 = 100_000;
+/// Descriptor number of LIMINAL_SIGNALS_FD inside the sandbox.
+pub const SIGNALS_FD: i32 = job::FIRST_CONTAINER_FD;
+
+/// The default seccomp profile and base spec the helper embeds: their
+/// digests are part of the sandbox configuration (and so of the input digest).
+const SECCOMP_PROFILE: &str = include_str!("../../../oci/runtime/seccomp.json");
+const BASE_SPEC: &str = include_str!("../../../oci/runtime/config.json");
+
+pub struct EngineConfig {
+    /// Per-run folders (`runs/`), libcontainer state (`containers/`), the CAS (`cas/`).
+    pub state_dir: PathBuf,
+    /// Unpacked OCI images, digest caches.
+    pub cache_dir: PathBuf,
+    /// The `liminal-sandbox` binary.
+    pub helper: PathBuf,
+    /// Recorded in run facts.
+    pub host: String,
+    /// Cgroup under which each run gets `liminal-<run_id>`. Empty: this
+    /// process's own cgroup (the memory controller's on cgroup v1, the
+    /// unified one on v2), as PLATFORM-NOTES pitfall 3 asks.
+    pub cgroup_parent: String,
+    /// `$CREDENTIALS_DIRECTORY` for `credential:` secrets.
+    pub credentials_dir: Option<PathBuf>,
+}
+
+pub struct RunRequest {
+    pub run_id: Ulid,
+    pub plan: Plan,
+    /// Descriptors for `from = "fd"` secrets, by secret name.
+    pub fd_secrets: BTreeMap<String, OwnedFd>,
+}
+
+/// Cancels a run from another thread; cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct CancelHandle(Arc<AtomicBool>);
+
+impl CancelHandle {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TestSummary {
+    pub name: String,
+    pub status: TestStatus,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RunOutcome {
+    pub run_id: Ulid,
+    pub status: RunStatus,
+    pub exit_code: Option<i32>,
+    pub input_digest: String,
+    pub reason: Option<String>,
+    pub tests: Vec<TestSummary>,
+    pub artifacts: Vec<CollectedArtifact>,
+}
+
+/// Only for runs that could not even start; a run that started always ends
+/// in `Ok(RunOutcome)` with its status.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error(transparent)]
+    Secret(#[from] secrets::SecretError),
+    #[error("input mount {target}: {source}")]
+    MountDigest {
+        target: String,
+        #[source]
+        source: digest::DigestError,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sandbox helper {}: {source}", path.display())]
+    Helper {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
+    let what = what.into();
+    move |source| EngineError::Io { what, source }
+}
+
+/// What [`cleanup_orphans`] removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CleanupReport {
+    pub runs: Vec<String>,
+    pub cgroups: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// The per-run host folders, removed (with the cgroup) on drop: every path
+/// out of [`run`], panics included, cleans up.
+struct RunDirs {
+    root: PathBuf,
+    container_dir: PathBuf,
+    cgroup_path: String,
+    created_cgroup_parents: Vec<PathBuf>,
+}
+
+impl RunDirs {
+    fn bundle(&self) -> PathBuf {
+        self.root.join("bundle")
+    }
+    fn work(&self) -> PathBuf {
+        self.root.join("work")
+    }
+    fn tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+}
+
+impl Drop for RunDirs {
+    fn drop(&mut self) {
+        for e in job::teardown_cgroup(&self.cgroup_path) {
+            tracing::warn!("cleanup: {e}");
+        }
+        job::remove_empty_dirs(&self.created_cgroup_parents);
+        for d in [&self.container_dir, &self.root] {
+            if let Err(e) = std::fs::remove_dir_all(d) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("cleanup: removing {}: {e}", d.display());
+                }
+            }
+        }
+    }
+}
+
+/// The container id (and last cgroup component) of a run.
+pub fn container_id(run_id: Ulid) -> String {
+    format!("liminal-{}", run_id.to_string().to_ascii_lowercase())
+}
+
+/// This process's cgroup, to nest runs under (pitfall 3).
+fn own_cgroup() -> String {
+    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut unified = None;
+    let mut memory = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(a), Some(b), Some(c)) => (a, b, c),
+            _ => continue,
+        };
+        if controllers.is_empty() {
+            unified = Some(path.to_owned());
+        } else if controllers.split(',').any(|c| c == "memory") {
+            memory = Some(path.to_owned());
+        }
+    }
+    // On a hybrid host libcgroups uses v1: follow the memory controller,
+    // whose limits are the ones that matter for the daemon.
+    memory.or(unified).unwrap_or_else(|| "/".to_owned())
+}
+
+fn cgroup_path(cfg: &EngineConfig, run_id: Ulid) -> String {
+    let parent = if cfg.cgroup_parent.is_empty() {
+        own_cgroup()
+    } else {
+        cfg.cgroup_parent.clone()
+    };
+    format!("{}/{}", parent.trim_end_matches('/'), container_id(run_id))
+}
+
+/// The fixed determinism set plus the plan's variables (which win, except
+/// that LIMINAL_* names are the sandbox's own).
+pub fn sandbox_env(plan: &Plan, secrets: &[(String, i32)]) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = [
+        ("PATH", DEFAULT_PATH),
+        ("HOME", HOME),
+        ("TZ", "UTC"),
+        ("LC_ALL", "C.UTF-8"),
+        ("LANG", "C.UTF-8"),
+        ("SOURCE_DATE_EPOCH", "0"),
+        ("HOSTNAME", HOSTNAME),
+        ("USER", "root"),
+        ("TMPDIR", "/tmp"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    for (k, v) in &plan.env {
+        env.insert(k.clone(), v.clone());
+    }
+    env.insert("LIMINAL_SIGNALS_FD".into(), SIGNALS_FD.to_string());
+    for (var, fd) in secrets {
+        env.insert(var.clone(), fd.to_string());
+    }
+    env
+}
+
+fn rlimits() -> Vec<Rlimit> {
+    let r = |kind: &str, soft: u64, hard: u64| Rlimit {
+        kind: kind.to_owned(),
+        soft,
+        hard,
+    };
+    vec![
+        r("RLIMIT_NOFILE", 4096, 4096),
+        r("RLIMIT_CORE", 0, 0),
+        r("RLIMIT_STACK", 8 << 20, 8 << 20),
+        r("RLIMIT_MEMLOCK", 8 << 20, 8 << 20),
+    ]
+}
+
+/// Everything about the sandbox (besides the plan) that can change what a
+/// run produces: it enters the input digest.
+pub fn sandbox_config(plan: &Plan) -> serde_json::Value {
+    json!({
+        "protocol": job::PROTOCOL_VERSION,
+        "hostname": HOSTNAME,
+        "domainname": DOMAINNAME,
+        "umask": UMASK,
+        "uid": 0,
+        "gid": 0,
+        "id_map_size": ID_MAP.size,
+        "env": sandbox_env(plan, &[]),
+        "rlimits": rlimits().iter().map(|r| json!([r.kind, r.soft, r.hard])).collect::<Vec<_>>(),
+        "reset_clocks": true,
+        "cpu_affinity": format!("first {}", plan.resources.cpus),
+        "seccomp": blake3::hash(SECCOMP_PROFILE.as_bytes()).to_hex().to_string(),
+        "base_spec": blake3::hash(BASE_SPEC.as_bytes()).to_hex().to_string(),
+    })
+}
+
+/// Blocking. Emits facts through `sink` as they happen: Run(running) first,
+/// signals while running, test results and artifacts after, Run(final) last.
+pub fn run(
+    cfg: &EngineConfig,
+    req: RunRequest,
+    sink: &mut dyn FnMut(FactBody),
+    cancel: &CancelHandle,
+) -> Result<RunOutcome, EngineError> {
+    let RunRequest {
+        run_id,
+        plan,
+        fd_secrets,
+    } = req;
+    let span = tracing::info_span!("run", %run_id, plan = %plan.name);
+    let _enter = span.enter();
+
+    // Inputs: anything failing here means the run could not start.
+    let image = image::resolve(&plan.image, &cfg.cache_dir)?;
+    let sealed = secrets::load(&plan.secrets, fd_secrets, cfg.credentials_dir.as_deref())?;
+    let mut mount_digests = Vec::new();
+    for m in &plan.mounts {
+        let d = digest::tree_digest(&m.source).map_err(|source| EngineError::MountDigest {
+            target: m.target.clone(),
+            source,
+        })?;
+        mount_digests.push((m.target.clone(), d));
+    }
+    let input_digest =
+        digest::input_digest(&plan, &image.digest, &mount_digests, &sandbox_config(&plan));
+
+    let cid = container_id(run_id);
+    let cgroup = cgroup_path(cfg, run_id);
+    let dirs = RunDirs {
+        root: cfg.state_dir.join("runs").join(run_id.to_string()),
+        container_dir: cfg.state_dir.join("containers").join(&cid),
+        created_cgroup_parents: job::missing_cgroup_parents(&cgroup),
+        cgroup_path: cgroup.clone(),
+    };
+    prepare_dirs(&dirs)?;
+
+    let started_at = Timestamp::now();
+    let run_fact = |status: RunStatus,
+                    exit_code: Option<i32>,
+                    reason: Option<String>,
+                    finished: Option<Timestamp>| {
+        FactBody::Run(RunFact {
+            fact_id: new_id(),
+            run_id,
+            plan_name: plan.name.clone(),
+            status,
+            exit_code,
+            input_digest: input_digest.clone(),
+            image_digest: Some(image.digest.clone()),
+            host: cfg.host.clone(),
+            started_at,
+            finished_at: finished,
+            reason,
+            valid_at: finished.unwrap_or(started_at),
+        })
+    };
+    sink(run_fact(RunStatus::Running, None, None, None));
+
+    let secret_values: Vec<&[u8]> = sealed.iter().map(|s| &s.value[..]).collect();
+    let redactor = Redactor::new(&secret_values);
+
+    let report = supervise(
+        cfg,
+        &plan,
+        &image.rootfs,
+        &sealed,
+        &dirs,
+        &cid,
+        &redactor,
+        run_id,
+        sink,
+        cancel,
+    );
+    drop(sealed);
+
+    // Decide the status.
+    let mut reason: Option<String>;
+    let mut exit_code = None;
+    let mut tests = Vec::new();
+    let mut artifacts_out = Vec::new();
+    let mut ran = false;
+    let status = match &report {
+        // A cancel can kill the helper before it blocks SIGTERM.
+        Err(_) if cancel.is_cancelled() => {
+            reason = Some("cancelled before the sandbox started".into());
+            RunStatus::Cancelled
+        }
+        Err(msg) => {
+            reason = Some(msg.clone());
+            RunStatus::Error
+        }
+        Ok(r) => {
+            for e in &r.cleanup_errors {
+                tracing::warn!("sandbox cleanup: {e}");
+            }
+            match &r.outcome {
+                Outcome::SetupFailed { message } => {
+                    reason = Some(format!("sandbox setup failed: {message}"));
+                    RunStatus::Error
+                }
+                Outcome::Exited { .. } | Outcome::Signaled { .. } => {
+                    ran = true;
+                    let (code, signal) = match r.outcome {
+                        Outcome::Signaled { signal } => (128 + signal, Some(signal)),
+                        Outcome::Exited { code } => (code, None),
+                        Outcome::SetupFailed { .. } => (-1, None),
+                    };
+                    exit_code = Some(code);
+                    if r.cancelled {
+                        reason = Some("cancelled".into());
+                        RunStatus::Cancelled
+                    } else if r.timed_out {
+                        reason = Some(format!("timed out after {}", humanize(plan.timeout)));
+                        RunStatus::Timeout
+                    } else if r.oom_killed {
+                        reason = Some("out of memory (OOM kill)".into());
+                        RunStatus::Error
+                    } else {
+                        let (st, why, parsed) = judge(&plan, &dirs, code, signal, &redactor);
+                        reason = why;
+                        tests = parsed;
+                        st
+                    }
+                }
+            }
+        }
+    };
+
+    // Test results, then artifacts, then the final run fact.
+    let mut summaries = Vec::new();
+    for t in &tests {
+        summaries.push(TestSummary {
+            name: t.name.clone(),
+            status: t.status,
+            duration_ms: t.duration_ms,
+        });
+        sink(FactBody::TestResult(TestResultFact {
+            fact_id: new_id(),
+            id: new_id(),
+            run_id,
+            test_name: t.name.clone(),
+            status: t.status,
+            started_at,
+            duration_ms: t.duration_ms,
+            message: t
+                .message
+                .as_deref()
+                .map(|m| String::from_utf8_lossy(&redactor.redact(m.as_bytes())).into_owned()),
+            valid_at: Timestamp::now(),
+        }));
+    }
+    if ran && !plan.artifacts.is_empty() {
+        match Cas::open(&cfg.state_dir.join("cas"))
+            .and_then(|cas| artifacts::collect(&dirs.work(), &plan.artifacts, &cas))
+        {
+            Ok(list) => artifacts_out = list,
+            Err(e) => {
+                tracing::warn!("collecting artifacts: {e}");
+                if status == RunStatus::Passed || status == RunStatus::Failed {
+                    reason.get_or_insert_with(|| format!("collecting artifacts: {e}"));
+                }
+            }
+        }
+        for a in &artifacts_out {
+            sink(FactBody::Artifact(ArtifactFact {
+                fact_id: new_id(),
+                id: new_id(),
+                run_id,
+                path: a.path.clone(),
+                blake3: a.blake3.clone(),
+                size: a.size,
+                valid_at: Timestamp::now(),
+            }));
+        }
+    }
+    drop(dirs);
+    let finished = Timestamp::now();
+    sink(run_fact(status, exit_code, reason.clone(), Some(finished)));
+    tracing::info!(%status, ?exit_code, "run finished");
+    Ok(RunOutcome {
+        run_id,
+        status,
+        exit_code,
+        input_digest,
+        reason,
+        tests: summaries,
+        artifacts: artifacts_out,
+    })
+}
+
+fn humanize(d: Duration) -> String {
+    if d.as_millis() % 1000 == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// Status of a run whose command ran to its end: the report (if any) and the
+/// exit code. A missing or malformed report is an `error` naming the problem.
+fn judge(
+    plan: &Plan,
+    dirs: &RunDirs,
+    code: i32,
+    signal: Option<i32>,
+    redactor: &Redactor,
+) -> (RunStatus, Option<String>, Vec<results::ParsedTest>) {
+    let exit_reason = || match signal {
+        Some(s) => Some(format!("killed by signal {s}")),
+        None if code != 0 => Some(format!("exit code {code}")),
+        None => None,
+    };
+    if plan.results.format == ResultsFormat::ExitCode {
+        let st = if code == 0 {
+            RunStatus::Passed
+        } else {
+            RunStatus::Failed
+        };
+        return (st, exit_reason(), Vec::new());
+    }
+    let Some(inside) = plan.results.path.as_deref() else {
+        return (RunStatus::Error, Some("no results.path".into()), Vec::new());
+    };
+    let Some(host) = host_path(plan, dirs, inside) else {
+        return (
+            RunStatus::Error,
+            Some(format!(
+                "results.path {inside} is not in the workdir, /tmp or a writable mount"
+            )),
+            Vec::new(),
+        );
+    };
+    match results::read_report(plan.results.format, &host, MAX_REPORT_BYTES) {
+        Err(e) => {
+            let msg = match &e {
+                ReportError::Missing(_) => format!("report {inside} is missing"),
+                other => other.to_string(),
+            };
+            let msg = String::from_utf8_lossy(&redactor.redact(msg.as_bytes())).into_owned();
+            (RunStatus::Error, Some(msg), Vec::new())
+        }
+        Ok(tests) => {
+            let failing = tests
+                .iter()
+                .filter(|t| matches!(t.status, TestStatus::Failed | TestStatus::Error))
+                .count();
+            if failing > 0 {
+                (
+                    RunStatus::Failed,
+                    Some(format!("{failing} of {} tests failed", tests.len())),
+                    tests,
+                )
+            } else if code != 0 || signal.is_some() {
+                (RunStatus::Failed, exit_reason(), tests)
+            } else {
+                (RunStatus::Passed, None, tests)
+            }
+        }
+    }
+}
+
+/// Host location of a path inside the sandbox, for the writable places the
+/// engine reads back (workdir, /tmp, writable mounts).
+fn host_path(plan: &Plan, dirs: &RunDirs, inside: &str) -> Option<PathBuf> {
+    let under = |root: &str| -> Option<String> {
+        let rest = inside.strip_prefix(root)?;
+        if rest.is_empty() || rest.starts_with('/') {
+            Some(rest.trim_start_matches('/').to_owned())
+        } else {
+            None
+        }
+    };
+    if let Some(r) = under(&plan.workdir) {
+        return Some(dirs.work().join(r));
+    }
+    if let Some(r) = under("/tmp") {
+        return Some(dirs.tmp().join(r));
+    }
+    plan.mounts
+        .iter()
+        .filter(|m| !m.readonly)
+        .find_map(|m| under(&m.target).map(|r| m.source.join(r)))
+}
+
+fn prepare_dirs(dirs: &RunDirs) -> Result<(), EngineError> {
+    use std::os::unix::fs::PermissionsExt;
+    if dirs.root.exists() {
+        return Err(EngineError::Io {
+            what: format!("run folder {}", dirs.root.display()),
+            source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        });
+    }
+    for d in [dirs.bundle(), dirs.work(), dirs.tmp()] {
+        std::fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
+    }
+    if let Some(p) = dirs.container_dir.parent() {
+        std::fs::create_dir_all(p).map_err(io_err(format!("creating {}", p.display())))?;
+    }
+    for d in [dirs.root.clone(), dirs.bundle()] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))
+            .map_err(io_err(format!("chmod {}", d.display())))?;
+    }
+    // The container (host uid 100000) opens its staged rootfs and mounts
+    // below the run folder: every ancestor must be searchable by others.
+    let mut p = dirs.root.parent();
+    while let Some(d) = p {
+        if let Ok(m) = std::fs::metadata(d) {
+            if m.permissions().mode() & 0o001 == 0 {
+                return Err(EngineError::Io {
+                    what: format!(
+                        "state dir: {} is not searchable by others (mode {:o}); the sandbox's mapped ids must traverse it",
+                        d.display(),
+                        m.permissions().mode() & 0o7777
+                    ),
+                    source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+                });
+            }
+        }
+        p = d.parent();
+    }
+    // Owned by the container's root (mapped), so it can write there without
+    // any capability.
+    let owner = Some(nix::unistd::Uid::from_raw(ID_MAP.host_id));
+    let group = Some(nix::unistd::Gid::from_raw(ID_MAP.host_id));
+    for (d, mode) in [(dirs.work(), 0o755), (dirs.tmp(), 0o1777)] {
+        nix::unistd::chown(&d, owner, group).map_err(|e| EngineError::Io {
+            what: format!("chown {}", d.display()),
+            source: e.into(),
+        })?;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode))
+            .map_err(io_err(format!("chmod {}", d.display())))?;
+    }
+    Ok(())
+}
+
+/// Which stream a descriptor carries.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stream {
+    Stdout,
+    Stderr,
+    Signals,
+    Report,
+    HelperStderr,
+}
+
+struct Reader {
+    stream: Stream,
+    fd: OwnedFd,
+    splitter: LineSplitter,
+    bytes: u64,
+    dropped: u64,
+    open: bool,
+    buf: Vec<u8>,
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), EngineError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| EngineError::Io {
+        what: "pipe".into(),
+        source: e.into(),
+    })
+}
+
+/// Spawns the helper and pumps its streams until it exits. `Err` carries a
+/// reason for a helper that died without a report (the run is `error`).
+#[allow(clippy::too_many_arguments)]
+fn supervise(
+    cfg: &EngineConfig,
+    plan: &Plan,
+    rootfs: &Path,
+    sealed: &[secrets::SealedSecret],
+    dirs: &RunDirs,
+    cid: &str,
+    redactor: &Redactor,
+    run_id: Ulid,
+    sink: &mut dyn FnMut(FactBody),
+    cancel: &CancelHandle,
+) -> Result<JobReport, String> {
+    match spawn_and_pump(
+        cfg, plan, rootfs, sealed, dirs, cid, redactor, run_id, sink, cancel,
+    ) {
+        Ok(r) => Ok(r),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_and_pump(
+    cfg: &EngineConfig,
+    plan: &Plan,
+    rootfs: &Path,
+    sealed: &[secrets::SealedSecret],
+    dirs: &RunDirs,
+    cid: &str,
+    redactor: &Redactor,
+    run_id: Ulid,
+    sink: &mut dyn FnMut(FactBody),
+    cancel: &CancelHandle,
+) -> Result<JobReport, EngineError> {
+    use command_fds::{CommandFdExt, FdMapping};
+
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (sig_r, sig_w) = pipe()?;
+    let (rep_r, rep_w) = pipe()?;
+
+    // Container descriptors at their final numbers: signals, then secrets.
+    let n_secrets = sealed.len() as i32;
+    let mut mappings = vec![FdMapping {
+        parent_fd: sig_w,
+        child_fd: SIGNALS_FD,
+    }];
+    let mut secret_vars = Vec::new();
+    for (i, s) in sealed.iter().enumerate() {
+        let child_fd = SIGNALS_FD + 1 + i as i32;
+        let dup =
+            s.fd.try_clone()
+                .map_err(io_err(format!("duplicating secret {}", s.name)))?;
+        mappings.push(FdMapping {
+            parent_fd: dup,
+            child_fd,
+        });
+        secret_vars.push((s.env_var.clone(), child_fd));
+    }
+    let stdout_fd = SIGNALS_FD + 1 + n_secrets;
+    let (stderr_fd, report_fd) = (stdout_fd + 1, stdout_fd + 2);
+    mappings.push(FdMapping {
+        parent_fd: out_w,
+        child_fd: stdout_fd,
+    });
+    mappings.push(FdMapping {
+        parent_fd: err_w,
+        child_fd: stderr_fd,
+    });
+    mappings.push(FdMapping {
+        parent_fd: rep_w,
+        child_fd: report_fd,
+    });
+
+    let mut mounts = vec![
+        BindMount {
+            source: dirs.work(),
+            target: plan.workdir.clone(),
+            readonly: false,
+        },
+        BindMount {
+            source: dirs.tmp(),
+            target: "/tmp".into(),
+            readonly: false,
+        },
+    ];
+    let mut writable = vec![plan.workdir.clone(), "/tmp".to_owned()];
+    for m in &plan.mounts {
+        mounts.push(BindMount {
+            source: m.source.clone(),
+            target: m.target.clone(),
+            readonly: m.readonly,
+        });
+        if !m.readonly {
+            writable.push(m.target.clone());
+        }
+    }
+    let job = Job {
+        version: job::PROTOCOL_VERSION,
+        container_id: cid.to_owned(),
+        state_root: cfg.state_dir.join("containers"),
+        bundle: dirs.bundle(),
+        rootfs: rootfs.to_owned(),
+        args: plan.command.clone(),
+        env: sandbox_env(plan, &secret_vars),
+        cwd: plan.workdir.clone(),
+        hostname: HOSTNAME.into(),
+        domainname: DOMAINNAME.into(),
+        umask: UMASK,
+        mounts,
+        network: match plan.network {
+            NetworkMode::None => Network::None,
+            NetworkMode::Loopback => Network::Loopback,
+        },
+        id_map: ID_MAP,
+        resources: Limits {
+            memory_bytes: plan.resources.memory_bytes,
+            pids: plan.resources.pids,
+            cpus: plan.resources.cpus,
+        },
+        cgroup_path: dirs.cgroup_path.clone(),
+        preserved_fds: 1 + n_secrets as u32,
+        stdout_fd,
+        stderr_fd,
+        report_fd,
+        timeout_ms: plan.timeout.as_millis().min(u64::MAX as u128) as u64,
+        kill_grace_ms: KILL_GRACE.as_millis() as u64,
+        rlimits: rlimits(),
+        writable_paths: writable,
+        reset_clocks: true,
+    };
+    let job_json = serde_json::to_vec(&job).map_err(|e| EngineError::Io {
+        what: "encoding the job".into(),
+        source: e.into(),
+    })?;
+    // Kept for post-mortem diagnosis of a helper that died; removed with the run.
+    let _ = std::fs::write(dirs.root.join("job.json"), &job_json);
+
+    let mut cmd = Command::new(&cfg.helper);
+    cmd.env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Ok(v) = std::env::var("LIMINAL_SANDBOX_LOG") {
+        cmd.env("LIMINAL_SANDBOX_LOG", v);
+    }
+    cmd.fd_mappings(mappings).map_err(|e| EngineError::Io {
+        what: "mapping descriptors for the helper".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let mut child = cmd.spawn().map_err(|source| EngineError::Helper {
+        path: cfg.helper.clone(),
+        source,
+    })?;
+    // The mapped write ends live on only in the helper now (command-fds keeps
+    // them in `cmd`): drop it, or the pipes never reach EOF.
+    drop(cmd);
+    let helper_pid = Pid::from_raw(child.id() as i32);
+    let helper_err = child.stderr.take().map(OwnedFd::from);
+    if let Some(mut stdin) = child.stdin.take() {
+        // The helper reads the whole job before anything else; a failed
+        // write means it died, which the wait below reports.
+        let _ = stdin.write_all(&job_json);
+    }
+
+    let mut readers = vec![
+        reader(Stream::Stdout, out_r),
+        reader(Stream::Stderr, err_r),
+        reader(Stream::Signals, sig_r),
+        reader(Stream::Report, rep_r),
+    ];
+    if let Some(fd) = helper_err {
+        readers.push(reader(Stream::HelperStderr, fd));
+    }
+    for r in &readers {
+        set_nonblocking(&r.fd);
+    }
+
+    let mut signal_lines = 0u64;
+    let mut cancel_sent = false;
+    // The helper enforces the timeout; this is the backstop if it hangs.
+    let watchdog = Instant::now() + job_deadline(plan);
+    let mut helper_status = None;
+    let mut exited_at: Option<Instant> = None;
+    let mut killed_helper = false;
+    loop {
+        if cancel.is_cancelled() && !cancel_sent {
+            cancel_sent = true;
+            let _ = kill(helper_pid, Signal::SIGTERM);
+        }
+        if helper_status.is_none() {
+            if let Ok(Some(st)) = child.try_wait() {
+                helper_status = Some(st);
+                exited_at = Some(Instant::now());
+                if readers[3].open && readers[3].buf.is_empty() {
+                    // Helper gone without a report: the container may live on
+                    // and hold the pipes open. Kill it now.
+                    let _ = read_available(&mut readers[3]);
+                }
+                if readers[3].buf.is_empty() {
+                    for e in job::teardown_cgroup(&dirs.cgroup_path) {
+                        tracing::warn!("{e}");
+                    }
+                }
+            } else if Instant::now() > watchdog && !killed_helper {
+                tracing::error!(
+                    "sandbox helper overran its deadline; killing it and the container"
+                );
+                killed_helper = true;
+                let _ = kill(helper_pid, Signal::SIGKILL);
+            }
+        }
+        if readers.iter().all(|r| !r.open) && helper_status.is_some() {
+            break;
+        }
+        if let Some(t) = exited_at {
+            // Descendants that escaped the container's death cannot exist
+            // (pid namespace), but never hang on a pipe someone still holds.
+            if t.elapsed() > Duration::from_secs(5) {
+                break;
+            }
+        }
+        let mut pfds: Vec<nix::poll::PollFd> = readers
+            .iter()
+            .filter(|r| r.open)
+            .map(|r| nix::poll::PollFd::new(r.fd.as_fd(), nix::poll::PollFlags::POLLIN))
+            .collect();
+        let _ = nix::poll::poll(&mut pfds, nix::poll::PollTimeout::from(50u16));
+        drop(pfds);
+        for r in readers.iter_mut().filter(|r| r.open) {
+            let chunk = read_available(r);
+            if chunk.is_empty() {
+                continue;
+            }
+            match r.stream {
+                Stream::Stdout | Stream::Stderr => {
+                    let lines = r.splitter.push(&chunk);
+                    for l in lines {
+                        emit_output_line(r.stream, &l.bytes, l.truncated, redactor, run_id, sink);
+                    }
+                }
+                Stream::Signals => {
+                    for l in r.splitter.push(&chunk) {
+                        signal_lines += 1;
+                        if signal_lines <= MAX_SIGNAL_LINES {
+                            emit_signal_line(&l.bytes, redactor, run_id, sink);
+                        }
+                    }
+                }
+                Stream::Report | Stream::HelperStderr => r.buf.extend_from_slice(&chunk),
+            }
+        }
+    }
+    let status = match helper_status {
+        Some(s) => s,
+        None => child.wait().map_err(|source| EngineError::Helper {
+            path: cfg.helper.clone(),
+            source,
+        })?,
+    };
+    for r in readers.iter_mut() {
+        if let Some(l) = r.splitter.finish() {
+            match r.stream {
+                Stream::Stdout | Stream::Stderr => {
+                    emit_output_line(r.stream, &l.bytes, l.truncated, redactor, run_id, sink)
+                }
+                Stream::Signals if signal_lines < MAX_SIGNAL_LINES => {
+                    emit_signal_line(&l.bytes, redactor, run_id, sink)
+                }
+                _ => {}
+            }
+        }
+        if r.dropped > 0 {
+            let note = format!(
+                "[liminal: {} bytes of {} dropped past the {} byte cap]",
+                r.dropped,
+                stream_name(r.stream),
+                MAX_STREAM_BYTES
+            );
+            emit_output_line(r.stream, note.as_bytes(), false, redactor, run_id, sink);
+        }
+    }
+    if signal_lines > MAX_SIGNAL_LINES {
+        tracing::warn!(
+            "{} signal lines over the cap of {MAX_SIGNAL_LINES} dropped",
+            signal_lines - MAX_SIGNAL_LINES
+        );
+    }
+    let helper_stderr =
+        String::from_utf8_lossy(&redactor.redact(&readers[4.min(readers.len() - 1)].buf))
+            .into_owned();
+    if !helper_stderr.trim().is_empty() {
+        tracing::debug!(helper_stderr = %helper_stderr.trim(), "sandbox helper diagnostics");
+    }
+    let report_bytes = &readers[3].buf;
+    match serde_json::from_slice::<JobReport>(report_bytes) {
+        Ok(r) => Ok(r),
+        Err(_) => {
+            let tail: String = helper_stderr
+                .trim()
+                .chars()
+                .rev()
+                .take(2000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            Err(EngineError::Io {
+                what: format!(
+                    "sandbox helper died without a report ({status}){}{}",
+                    if tail.is_empty() { "" } else { ": " },
+                    tail
+                ),
+                source: std::io::Error::other("no report"),
+            })
+        }
+    }
+}
+
+fn job_deadline(plan: &Plan) -> Duration {
+    plan.timeout
+        .saturating_add(KILL_GRACE)
+        .saturating_add(Duration::from_secs(60))
+}
+
+fn reader(stream: Stream, fd: OwnedFd) -> Reader {
+    Reader {
+        stream,
+        fd,
+        splitter: LineSplitter::new(MAX_LINE),
+        bytes: 0,
+        dropped: 0,
+        open: true,
+        buf: Vec::new(),
+    }
+}
+
+fn stream_name(s: Stream) -> &'static str {
+    match s {
+        Stream::Stdout => "stdout",
+        Stream::Stderr => "stderr",
+        Stream::Signals => "signals",
+        Stream::Report => "report",
+        Stream::HelperStderr => "helper",
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    if let Ok(flags) = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL) {
+        let _ = fcntl(
+            fd.as_raw_fd(),
+            FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+        );
+    }
+}
+
+/// Reads what is there without blocking; marks EOF. Applies the byte cap.
+fn read_available(r: &mut Reader) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match nix::unistd::read(r.fd.as_raw_fd(), &mut buf).map_err(std::io::Error::from) {
+            Ok(0) => {
+                r.open = false;
+                break;
+            }
+            Ok(n) => {
+                let keep = if matches!(r.stream, Stream::Stdout | Stream::Stderr | Stream::Signals)
+                {
+                    let room = MAX_STREAM_BYTES.saturating_sub(r.bytes) as usize;
+                    r.dropped += n.saturating_sub(room) as u64;
+                    n.min(room)
+                } else {
+                    n
+                };
+                r.bytes += n as u64;
+                out.extend_from_slice(&buf[..keep]);
+                if out.len() >= 1 << 20 {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => {
+                r.open = false;
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn emit_output_line(
+    stream: Stream,
+    line: &[u8],
+    truncated: bool,
+    redactor: &Redactor,
+    run_id: Ulid,
+    sink: &mut dyn FnMut(FactBody),
+) {
+    let text = String::from_utf8_lossy(&redactor.redact(line)).into_owned();
+    let mut attrs = BTreeMap::new();
+    if truncated {
+        attrs.insert("truncated".to_owned(), json!(true));
+    }
+    sink(FactBody::Signal(SignalFact {
+        fact_id: new_id(),
+        id: new_id(),
+        run_id,
+        test_result_id: None,
+        kind: SignalKind::Log,
+        name: stream_name(stream).to_owned(),
+        at: Timestamp::now(),
+        value: json!(text),
+        attrs,
+    }));
+}
+
+fn emit_signal_line(
+    line: &[u8],
+    redactor: &Redactor,
+    run_id: Ulid,
+    sink: &mut dyn FnMut(FactBody),
+) {
+    let line = redactor.redact(line);
+    let fact = match signals::parse_signal_line(&line) {
+        Ok(s) => SignalFact {
+            fact_id: new_id(),
+            id: new_id(),
+            run_id,
+            test_result_id: None,
+            kind: s.kind,
+            name: s.name,
+            at: Timestamp::now(),
+            value: s.value,
+            attrs: s.attrs,
+        },
+        Err(e) => {
+            tracing::warn!("malformed line on LIMINAL_SIGNALS_FD: {e}");
+            SignalFact {
+                fact_id: new_id(),
+                id: new_id(),
+                run_id,
+                test_result_id: None,
+                kind: SignalKind::Log,
+                name: "signals".to_owned(),
+                at: Timestamp::now(),
+                value: json!(String::from_utf8_lossy(&line)),
+                attrs: [("error".to_owned(), json!(e.to_string()))].into(),
+            }
+        }
+    };
+    sink(FactBody::Signal(fact));
+}
+
+/// Removes what runs of a crashed process left: cgroups named `liminal-*`
+/// under the cgroup parent, libcontainer state, run folders. Call it before
+/// starting runs (it assumes no run of this state dir is in progress).
+pub fn cleanup_orphans(cfg: &EngineConfig) -> Result<CleanupReport, EngineError> {
+    let mut report = CleanupReport::default();
+    let runs = cfg.state_dir.join("runs");
+    if let Ok(rd) = std::fs::read_dir(&runs) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            // The job file names the cgroup the run used.
+            if let Ok(bytes) = std::fs::read(e.path().join("job.json")) {
+                if let Ok(job) = serde_json::from_slice::<Job>(&bytes) {
+                    let errs = job::teardown_cgroup(&job.cgroup_path);
+                    if errs.is_empty() {
+                        report.cgroups.push(job.cgroup_path.clone());
+                    }
+                    report.errors.extend(errs);
+                    let _ = std::fs::remove_dir_all(job.state_root.join(&job.container_id));
+                }
+            }
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => report.runs.push(name),
+                Err(err) => report
+                    .errors
+                    .push(format!("removing {}: {err}", e.path().display())),
+            }
+        }
+    }
+    // Cgroups whose run folder is already gone.
+    let parent = if cfg.cgroup_parent.is_empty() {
+        own_cgroup()
+    } else {
+        cfg.cgroup_parent.clone()
+    };
+    for h in job::cgroup_hierarchies() {
+        let dir = h.join(parent.trim_start_matches('/'));
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("liminal-") && e.path().is_dir() {
+                    let path = format!("{}/{}", parent.trim_end_matches('/'), name);
+                    let errs = job::teardown_cgroup(&path);
+                    if errs.is_empty() && !report.cgroups.contains(&path) {
+                        report.cgroups.push(path);
+                    }
+                    report.errors.extend(errs);
+                }
+            }
+        }
+    }
+    let containers = cfg.state_dir.join("containers");
+    if let Ok(rd) = std::fs::read_dir(&containers) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with("liminal-") {
+                if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                    report
+                        .errors
+                        .push(format!("removing {}: {err}", e.path().display()));
+                }
+            }
+        }
+    }
+    Ok(report)
+}

@@ -54,6 +54,12 @@ fn main() {
 }
 
 fn real_main() -> Result<()> {
+    // First thing: a cancel (SIGTERM) that arrives while we set up must not
+    // kill us before we can clean up; supervise() picks it up via signalfd.
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGTERM);
+    mask.add(Signal::SIGINT);
+    mask.thread_block().context("blocking SIGTERM/SIGINT")?;
     // PLATFORM-NOTES pitfall 2: libcontainer forwards LISTEN_FDS into every
     // container. Single-threaded here, so mutating the environment is sound.
     for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
@@ -77,9 +83,7 @@ fn real_main() -> Result<()> {
 
     let report = run_job(&job);
     let json = serde_json::to_vec(&report).context("encoding the report")?;
-    report_file
-        .write_all(&json)
-        .context("writing the report")?;
+    report_file.write_all(&json).context("writing the report")?;
     Ok(())
 }
 
@@ -118,7 +122,6 @@ fn supervise(job: &Job, report: &mut JobReport) -> Result<Outcome> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGTERM);
     mask.add(Signal::SIGINT);
-    mask.thread_block().context("blocking SIGTERM/SIGINT")?;
     let sigfd = SignalFd::new(&mask).context("signalfd")?;
 
     // A private mount namespace for the helper: the rootfs overlay (if any)
@@ -141,6 +144,19 @@ fn supervise(job: &Job, report: &mut JobReport) -> Result<Outcome> {
     std::fs::write(job.bundle.join("config.json"), serde_json::to_vec(&config)?)
         .context("writing config.json")?;
 
+    // Like runc's fixStdioPermissions: the pipes belong to host root, which
+    // is unmapped inside, so reopening them (`echo > /dev/stderr`, i.e.
+    // /proc/self/fd/2) would fail with EACCES. Give them to the mapped root.
+    let (uid, gid) = (
+        nix::unistd::Uid::from_raw(job.id_map.host_id),
+        nix::unistd::Gid::from_raw(job.id_map.host_id),
+    );
+    let container_fds = (0..job.preserved_fds as RawFd).map(|i| job::FIRST_CONTAINER_FD + i);
+    for fd in container_fds.chain([job.stdout_fd, job.stderr_fd]) {
+        nix::unistd::fchown(fd, Some(uid), Some(gid))
+            .with_context(|| format!("fchown of descriptor {fd}"))?;
+    }
+
     let t = Instant::now();
     let devnull = File::open("/dev/null").context("opening /dev/null")?;
     // SAFETY: the engine passes these descriptors for the container's stdio.
@@ -148,6 +164,7 @@ fn supervise(job: &Job, report: &mut JobReport) -> Result<Outcome> {
     let stderr = unsafe { OwnedFd::from_raw_fd(job.stderr_fd) };
     let executor = LiminalExecutor {
         writable: job.writable_paths.clone(),
+        cpus: spec::first_cpus(job.resources.cpus)?,
     };
     let mut container = ContainerBuilder::new(job.container_id.clone(), SyscallType::default())
         .with_root_path(&job.state_root)
@@ -214,12 +231,19 @@ fn wait_with_deadline(
             PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
             PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
         ];
-        match poll(&mut fds, PollTimeout::try_from(wait_ms).unwrap_or(PollTimeout::MAX)) {
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(wait_ms).unwrap_or(PollTimeout::MAX),
+        ) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e).context("poll"),
         }
-        let exited = fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
-        let signalled = fds[1].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        let exited = fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN));
+        let signalled = fds[1]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN));
         if exited {
             return waitpid(pid, None).context("waitpid");
         }
@@ -236,7 +260,10 @@ fn wait_with_deadline(
         let now = Instant::now();
         match kill_at {
             None if now >= deadline => {
-                tracing::info!("timeout after {} ms: stopping the container", job.timeout_ms);
+                tracing::info!(
+                    "timeout after {} ms: stopping the container",
+                    job.timeout_ms
+                );
                 report.timed_out = true;
                 kill_all(container, Signal::SIGTERM);
                 kill_at = Some(now + Duration::from_millis(job.kill_grace_ms));
@@ -283,18 +310,32 @@ fn cleanup(job: &Job, created_parents: &[PathBuf], errors: &mut Vec<String>) {
 #[derive(Clone)]
 struct LiminalExecutor {
     writable: Vec<String>,
+    /// Pinned before exec: `nproc` and thread pools see exactly `cpus` CPUs.
+    cpus: Vec<usize>,
 }
 
 impl Executor for LiminalExecutor {
     fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
         // The helper's blocked mask and Rust's ignored SIGPIPE would survive exec.
         let _ = SigSet::empty().thread_set_mask();
-        let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+        let _ = nix::sys::signal::pthread_sigmask(
+            SigmaskHow::SIG_SETMASK,
+            Some(&SigSet::empty()),
+            None,
+        );
         // SAFETY: restoring a default disposition just before exec.
         unsafe {
             let _ = nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl);
         }
-        spec::restrict_writes(&self.writable).map_err(|e| ExecutorError::Other(format!("landlock: {e}")))?;
+        let mut set = nix::sched::CpuSet::new();
+        for &c in &self.cpus {
+            set.set(c)
+                .map_err(|e| ExecutorError::Other(format!("cpu {c}: {e}")))?;
+        }
+        nix::sched::sched_setaffinity(Pid::from_raw(0), &set)
+            .map_err(|e| ExecutorError::Other(format!("sched_setaffinity: {e}")))?;
+        spec::restrict_writes(&self.writable)
+            .map_err(|e| ExecutorError::Other(format!("landlock: {e}")))?;
         DefaultExecutor {}.exec(spec)
     }
 

@@ -52,7 +52,9 @@ pub fn prepare_rootfs(job: &Job) -> Result<Staged> {
     // mode from the upper folder (0755) instead.
     let traversable = {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(rootfs).map(|m| m.permissions().mode() & 0o001 != 0).unwrap_or(false)
+        std::fs::metadata(rootfs)
+            .map(|m| m.permissions().mode() & 0o001 != 0)
+            .unwrap_or(false)
     };
     let staged_root = if missing.is_empty() && traversable {
         let r = job.bundle.join("rootfs");
@@ -70,7 +72,8 @@ pub fn prepare_rootfs(job: &Job) -> Result<Staged> {
         if meta.is_dir() {
             std::fs::create_dir_all(&p)
         } else {
-            std::fs::create_dir_all(job.bundle.join("mnt")).and_then(|_| std::fs::File::create(&p).map(|_| ()))
+            std::fs::create_dir_all(job.bundle.join("mnt"))
+                .and_then(|_| std::fs::File::create(&p).map(|_| ()))
         }
         .with_context(|| format!("creating {}", p.display()))?;
         bind(&m.source, &p)?;
@@ -119,7 +122,10 @@ fn overlay(job: &Job, missing: &[&(String, bool)]) -> Result<PathBuf> {
         if *is_dir {
             std::fs::create_dir_all(&p)
         } else {
-            p.parent().map(std::fs::create_dir_all).transpose().map(|_| ())?;
+            p.parent()
+                .map(std::fs::create_dir_all)
+                .transpose()
+                .map(|_| ())?;
             std::fs::File::create(&p).map(|_| ())
         }
         .with_context(|| format!("creating mount point {target}"))?;
@@ -162,8 +168,8 @@ pub fn build(job: &Job, staged: &Staged) -> Result<Value> {
         .iter()
         .map(|r| json!({"type": r.kind, "soft": r.soft, "hard": r.hard}))
         .collect::<Vec<_>>());
-    let cpus = first_cpus(job.resources.cpus)?;
-    p["execCPUAffinity"] = json!({ "initial": cpus, "final": cpus });
+    // CPU affinity: libcontainer 0.7 applies execCPUAffinity only to exec'd
+    // (tenant) processes, so the executor pins the workload itself.
 
     let mounts = c["mounts"].as_array_mut().context("base mounts")?;
     for (m, source) in job.mounts.iter().zip(&staged.sources) {
@@ -212,20 +218,23 @@ pub fn build(job: &Job, staged: &Staged) -> Result<Value> {
 }
 
 fn clock_secs(id: nix::time::ClockId) -> Result<i64> {
-    Ok(nix::time::clock_gettime(id).context("clock_gettime")?.tv_sec())
+    Ok(nix::time::clock_gettime(id)
+        .context("clock_gettime")?
+        .tv_sec())
 }
 
 fn memsw_available() -> bool {
     Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
 }
 
-/// The first `n` CPUs this helper may run on, as an OCI cpu list.
-fn first_cpus(n: u32) -> Result<String> {
-    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).context("sched_getaffinity")?;
+/// The first `n` CPUs this helper may run on.
+pub fn first_cpus(n: u32) -> Result<Vec<usize>> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .context("sched_getaffinity")?;
     let mut cpus = Vec::new();
     for i in 0..nix::sched::CpuSet::count() {
         if set.is_set(i).unwrap_or(false) {
-            cpus.push(i.to_string());
+            cpus.push(i);
             if cpus.len() == n as usize {
                 break;
             }
@@ -234,7 +243,7 @@ fn first_cpus(n: u32) -> Result<String> {
     if cpus.is_empty() {
         bail!("no CPU available");
     }
-    Ok(cpus.join(","))
+    Ok(cpus)
 }
 
 /// Landlock, applied in the container just before exec: read and execute
