@@ -253,6 +253,34 @@ impl Oci<'_> {
             });
         }
 
+        // One unpacker per image at a time (other runs of the daemon, other
+        // processes): the others wait, then find the entry ready.
+        fs::create_dir_all(&oci_dir).map_err(|source| ImageError::Cache {
+            path: oci_dir.clone(),
+            source,
+        })?;
+        let lock_path = oci_dir.join(format!(".lock-{}", manifest_desc.digest().digest()));
+        let lock_file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| ImageError::Cache {
+                path: lock_path.clone(),
+                source,
+            })?;
+        let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| ImageError::Cache {
+                path: lock_path.clone(),
+                source: e.into(),
+            })?;
+        if cache_entry_valid(&entry) {
+            tracing::debug!(rootfs = %rootfs.display(), "OCI image unpacked by another resolver meanwhile");
+            return Ok(ResolvedImage {
+                rootfs,
+                digest: manifest_digest,
+            });
+        }
         let started = Instant::now();
         self.unpack(&manifest, &manifest_digest, &oci_dir, &entry)?;
         tracing::info!(rootfs = %rootfs.display(), ms = started.elapsed().as_millis() as u64, "OCI image unpacked");

@@ -440,8 +440,49 @@ fn oci_layers_unpack_with_whiteouts_and_hit_the_cache() {
     let names: Vec<_> = fs::read_dir(cache.join("oci"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with(".lock-"))
         .collect();
     assert_eq!(names, vec![format!("sha256-{}", &manifest_digest[7..])]);
+}
+
+#[test]
+fn oci_half_unpacked_leftovers_of_dead_processes_are_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    let cache = tmp.path().join("cache");
+    write_layout(&layout, "v1", &two_layers(), GZ);
+    // A pid that surely is gone: a child we reaped.
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let stale = cache.join(format!("oci/.tmp-{dead}-abc123"));
+    fs::create_dir_all(stale.join("rootfs/usr")).unwrap();
+    let live = cache.join(format!("oci/.tmp-{}-inflight", std::process::id()));
+    fs::create_dir_all(&live).unwrap();
+    resolve(&oci(&layout, "v1"), &cache).unwrap();
+    assert!(!stale.exists(), "leftover of a dead process removed");
+    assert!(live.exists(), "a live process's unpack is left alone");
+}
+
+#[test]
+fn oci_concurrent_resolves_unpack_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    let cache = tmp.path().join("cache");
+    write_layout(&layout, "v1", &two_layers(), GZ);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| resolve(&oci(&layout, "v1"), &cache).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(results.windows(2).all(|w| w[0] == w[1]));
+    let entries: Vec<_> = fs::read_dir(cache.join("oci"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with(".lock-"))
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
 }
 
 #[test]
@@ -497,7 +538,11 @@ fn flip_byte(path: &Path, at: u64) {
 
 fn no_oci_leftovers(cache: &Path) {
     let left: Vec<_> = fs::read_dir(cache.join("oci"))
-        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| !n.starts_with(".lock-"))
+                .collect()
+        })
         .unwrap_or_default();
     assert!(left.is_empty(), "cache has leftovers: {left:?}");
 }
@@ -677,6 +722,19 @@ fn oci_busybox_layout_from_umoci() {
         .status()
         .unwrap();
     assert!(st.success());
+
+    // The same tree as umoci's own unpacker makes (as root: owners too).
+    if nix::unistd::geteuid().is_root() {
+        let bundle = tmp.path().join("umoci-bundle");
+        let st = Command::new("umoci")
+            .args(["raw", "unpack", "--image"])
+            .arg(format!("{}:latest", layout.display()))
+            .arg(&bundle)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert_eq!(tree_digest(&bundle).unwrap(), tree_digest(r).unwrap());
+    }
 }
 
 #[test]
