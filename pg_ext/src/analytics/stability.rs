@@ -1,0 +1,303 @@
+//! `liminal.test_stability(window)` and `liminal.test_stability_score(test_name, window)`.
+//!
+//! All tests: one streamed scan of the window's results in (test_name,
+//! started_at) order (index test_result_versions_current_name, index-only),
+//! counting each run's results and failures on the way; infrastructure
+//! runs are known at the end of the scan, then each test's sequence is
+//! evaluated by `stability_core`. One test: one query that also returns, per
+//! run, the failure count and a LIMITed result count that decide the
+//! infrastructure rule exactly (see `InfraRule::total_cap`).
+
+use super::spi_stream::{stream, Row};
+use super::stability_core::{evaluate, InfraRule, Obs, Stability};
+use super::{bad_argument, infra_rule};
+use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+use std::collections::HashMap;
+
+const RESULT_PASSED: u32 = 0;
+const RESULT_FAILED: u32 = 1;
+const RESULT_SKIPPED: u32 = 2;
+
+fn outcome(status: &[u8]) -> u32 {
+    match status.first() {
+        Some(b'p') => RESULT_PASSED,
+        Some(b's') => RESULT_SKIPPED,
+        // failed, error
+        _ => RESULT_FAILED,
+    }
+}
+
+/// `now() - window`, refusing a window that is not positive.
+fn cutoff(window: &Interval) -> TimestampWithTimeZone {
+    let row = Spi::get_two_with_args::<TimestampWithTimeZone, bool>(
+        "SELECT now() - $1, $1 > interval '0'",
+        &[DatumWithOid::from(*window)],
+    );
+    match row {
+        Ok((Some(ts), Some(true))) => ts,
+        Ok((_, Some(false))) => bad_argument(
+            "window must be positive",
+            "Pass a window such as '30 days'.",
+        ),
+        Ok(_) => bad_argument("window is out of range", "Pass a window such as '30 days'."),
+        Err(e) => error!("liminal.test_stability: {e}"),
+    }
+}
+
+struct RunInfo {
+    status_infra: bool,
+    digest: Option<u32>,
+    total: u64,
+    failed: u64,
+}
+
+/// Interns runs (by id bytes) and their digests.
+#[derive(Default)]
+struct Runs {
+    index: HashMap<Box<[u8]>, u32>,
+    info: Vec<RunInfo>,
+    digests: HashMap<String, u32>,
+}
+
+impl Runs {
+    fn digest_id(&mut self, d: Option<&str>) -> Option<u32> {
+        let d = d?;
+        let n = self.digests.len() as u32;
+        Some(*self.digests.entry(d.to_owned()).or_insert(n))
+    }
+
+    fn add(&mut self, id: &[u8], status: Option<&str>, digest: Option<&str>) -> u32 {
+        if let Some(&i) = self.index.get(id) {
+            return i;
+        }
+        let digest = self.digest_id(digest);
+        let i = self.info.len() as u32;
+        self.info.push(RunInfo {
+            status_infra: status.is_some_and(InfraRule::status_is_infra),
+            digest,
+            total: 0,
+            failed: 0,
+        });
+        self.index.insert(id.into(), i);
+        i
+    }
+}
+
+fn load_runs(runs: &mut Runs, sql: &str, args: &[DatumWithOid<'_>]) {
+    stream(sql, args, 3, &mut |row: &Row<'_>| {
+        if let Some(id) = row.text(0) {
+            runs.add(id, row.str(1), row.str(2));
+        }
+    });
+}
+
+/// Stability of every test with a non-skipped, non-infrastructure result in
+/// the window, in test name order.
+pub(crate) fn all_tests(cutoff: TimestampWithTimeZone) -> Vec<(String, Stability)> {
+    let rule = infra_rule();
+    let mut runs = Runs::default();
+    // Runs that can own results in the window; stragglers are looked up
+    // after the scan.
+    load_runs(
+        &mut runs,
+        "SELECT run_id, status, input_digest FROM liminal.run_versions
+         WHERE tx_to = 'infinity' AND valid_to = 'infinity' AND started_at >= $1 - interval '7 days'",
+        &[DatumWithOid::from(cutoff)],
+    );
+    // (test name, start, end) into `entries`: run index << 2 | outcome.
+    let mut tests: Vec<(String, usize, usize)> = Vec::new();
+    let mut entries: Vec<u32> = Vec::new();
+    let mut unknown: Vec<Vec<u8>> = Vec::new();
+    let mut current: Vec<u8> = Vec::new();
+    stream(
+        "SELECT test_name, status, run_id FROM liminal.test_result_versions
+         WHERE tx_to = 'infinity' AND valid_to = 'infinity' AND started_at >= $1
+         ORDER BY test_name, started_at",
+        &[DatumWithOid::from(cutoff)],
+        3,
+        &mut |row: &Row<'_>| {
+            let (Some(name), Some(status), Some(run_id)) = (row.text(0), row.text(1), row.text(2))
+            else {
+                return;
+            };
+            if tests.is_empty() || name != current.as_slice() {
+                if let Some(last) = tests.last_mut() {
+                    last.2 = entries.len();
+                }
+                current.clear();
+                current.extend_from_slice(name);
+                tests.push((String::from_utf8_lossy(name).into_owned(), entries.len(), 0));
+            }
+            let run = match runs.index.get(run_id) {
+                Some(&i) => i,
+                None => {
+                    unknown.push(run_id.to_vec());
+                    runs.add(run_id, None, None)
+                }
+            };
+            let o = outcome(status);
+            let info = &mut runs.info[run as usize];
+            info.total += 1;
+            info.failed += (o == RESULT_FAILED) as u64;
+            entries.push(run << 2 | o);
+        },
+    );
+    if let Some(last) = tests.last_mut() {
+        last.2 = entries.len();
+    }
+    if !unknown.is_empty() {
+        // Runs that started long before their results: fetch their status
+        // and digest (results without any run row stay "unknown").
+        let ids: Vec<String> = unknown
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect();
+        stream(
+            "SELECT run_id, status, input_digest FROM liminal.run_versions
+             WHERE tx_to = 'infinity' AND valid_to = 'infinity' AND run_id = ANY($1)",
+            &[DatumWithOid::from(ids)],
+            3,
+            &mut |row: &Row<'_>| {
+                let Some(&i) = row.text(0).and_then(|id| runs.index.get(id)) else {
+                    return;
+                };
+                let digest = runs.digest_id(row.str(2));
+                let info = &mut runs.info[i as usize];
+                info.status_infra = row.str(1).is_some_and(InfraRule::status_is_infra);
+                info.digest = digest;
+            },
+        );
+    }
+    let excluded: Vec<bool> = runs
+        .info
+        .iter()
+        .map(|r| r.status_infra || rule.share_is_infra(r.failed, r.total))
+        .collect();
+    let mut out = Vec::with_capacity(tests.len());
+    let mut obs: Vec<Obs> = Vec::new();
+    for (name, start, end) in tests {
+        obs.clear();
+        for &e in &entries[start..end] {
+            let (run, o) = ((e >> 2) as usize, e & 3);
+            if o == RESULT_SKIPPED || excluded[run] {
+                continue;
+            }
+            obs.push(Obs {
+                passed: o == RESULT_PASSED,
+                digest: runs.info[run].digest,
+            });
+        }
+        if let Some(s) = evaluate(&obs) {
+            out.push((name, s));
+        }
+    }
+    out
+}
+
+/// Stability of one test (None without counted runs in the window).
+pub(crate) fn one_test(test_name: &str, cutoff: TimestampWithTimeZone) -> Option<Stability> {
+    let rule = infra_rule();
+    let mut obs: Vec<Obs> = Vec::new();
+    let mut digests: HashMap<String, u32> = HashMap::new();
+    stream(
+        "WITH t AS (
+             SELECT r.run_id, r.status, r.started_at FROM liminal.test_result_versions r
+             WHERE r.tx_to = 'infinity' AND r.valid_to = 'infinity'
+               AND r.test_name = $1 AND r.started_at >= $2 AND r.status <> 'skipped'
+         )
+         SELECT t.status, ru.status, ru.input_digest, f.failed, f.cap,
+                CASE WHEN f.failed = 0 THEN 0 ELSE (
+                    SELECT count(*) FROM (
+                        SELECT 1 FROM liminal.test_result_versions x
+                        WHERE x.tx_to = 'infinity' AND x.valid_to = 'infinity' AND x.run_id = t.run_id
+                        LIMIT f.cap) c) END
+         FROM t
+         LEFT JOIN liminal.run_versions ru
+                ON ru.run_id = t.run_id AND ru.tx_to = 'infinity' AND ru.valid_to = 'infinity'
+         CROSS JOIN LATERAL (
+             SELECT n AS failed, greatest(floor(n::float8 / $3)::bigint + 1, $4::bigint, 1) AS cap
+             FROM (SELECT count(*) AS n FROM liminal.test_result_versions y
+                   WHERE y.tx_to = 'infinity' AND y.valid_to = 'infinity'
+                     AND y.status IN ('failed', 'error') AND y.run_id = t.run_id) k
+         ) f
+         ORDER BY t.started_at",
+        &[
+            DatumWithOid::from(test_name),
+            DatumWithOid::from(cutoff),
+            DatumWithOid::from(rule.threshold),
+            DatumWithOid::from(rule.min_tests as i64),
+        ],
+        6,
+        &mut |row: &Row<'_>| {
+            let Some(status) = row.text(0) else { return };
+            if row.str(1).is_some_and(InfraRule::status_is_infra) {
+                return;
+            }
+            let failed = row.i64(3).unwrap_or(0).max(0) as u64;
+            let cap = row.i64(4).unwrap_or(1).max(1) as u64;
+            let counted = row.i64(5).unwrap_or(0).max(0) as u64;
+            // Fewer than `cap` results: `counted` is the run's exact total.
+            if counted < cap && rule.share_is_infra(failed, counted) {
+                return;
+            }
+            let digest = row.str(2).map(|d| {
+                let n = digests.len() as u32;
+                *digests.entry(d.to_owned()).or_insert(n)
+            });
+            obs.push(Obs {
+                passed: outcome(status) == RESULT_PASSED,
+                digest,
+            });
+        },
+    );
+    evaluate(&obs)
+}
+
+/// Stability score of one test over the window ending now: 1 perfectly
+/// stable, 0 never stable; NULL when the test has no counted run in the
+/// window. See docs/sql/analytics.md for the formula.
+#[pg_extern(stable, parallel_safe)]
+fn test_stability_score(test_name: &str, window: default!(Interval, "'30 days'")) -> Option<f64> {
+    let cutoff = cutoff(&window);
+    one_test(test_name, cutoff).map(|s| s.score)
+}
+
+/// Stability of every test with a counted run in the window, by name.
+#[pg_extern(stable, parallel_safe)]
+#[allow(clippy::type_complexity)]
+fn test_stability(
+    window: default!(Interval, "'30 days'"),
+) -> TableIterator<
+    'static,
+    (
+        name!(test_name, String),
+        name!(score, f64),
+        name!(classification, String),
+        name!(runs, i64),
+        name!(pass_probability, f64),
+        name!(ci_low, f64),
+        name!(ci_high, f64),
+        name!(flip_rate, f64),
+        name!(same_input_disagreements, i64),
+    ),
+> {
+    let cutoff = cutoff(&window);
+    let rows: Vec<_> = all_tests(cutoff)
+        .into_iter()
+        .map(|(name, s)| {
+            (
+                name,
+                s.score,
+                s.classification.as_str().to_owned(),
+                s.runs as i64,
+                s.pass_probability,
+                s.ci_low,
+                s.ci_high,
+                s.flip_rate,
+                s.same_input_disagreements as i64,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
