@@ -633,4 +633,65 @@ mod tests {
             [13, 1500, 40]
         );
     }
+
+    #[test]
+    fn bail_out_inside_a_subtest() {
+        let v = parse(
+            b"TAP version 14\n1..2\n# Subtest: db\n    1..3\n    ok 1 - connects\n    Bail out! disk full\n",
+        )
+        .unwrap();
+        assert_eq!(
+            names(&v),
+            vec![
+                ("db::connects", TestStatus::Passed),
+                ("<bail out>", TestStatus::Error)
+            ]
+        );
+        assert_eq!(v[1].message.as_deref(), Some("disk full"));
+        let v = parse(b"Bail out!\n").unwrap();
+        assert_eq!(v[0].message.as_deref(), Some("the test run bailed out"));
+    }
+
+    #[test]
+    fn crlf_and_unterminated_yaml() {
+        let v = parse(b"1..2\r\nnot ok 1 - a\r\n  ---\r\n  message: boom\r\nok 2 - b\r\n").unwrap();
+        assert_eq!(
+            names(&v),
+            vec![("a", TestStatus::Failed), ("b", TestStatus::Passed)]
+        );
+        assert_eq!(v[0].message.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn invalid_yaml_is_ignored() {
+        let v = parse(b"1..1\nnot ok 1 - a\n  ---\n  message: [unclosed\n  ...\n").unwrap();
+        assert_eq!(names(&v), vec![("a", TestStatus::Failed)]);
+        assert_eq!(v[0].message, None);
+    }
+
+    #[test]
+    fn subtest_plan_mismatch_is_prefixed() {
+        let v = parse(b"1..1\n    1..2\n    ok 1 - x\nok 1 - parent\n").unwrap();
+        assert_eq!(
+            names(&v),
+            vec![
+                ("parent::x", TestStatus::Passed),
+                ("parent::<plan>", TestStatus::Error),
+                ("parent", TestStatus::Passed),
+            ]
+        );
+    }
+
+    #[test]
+    fn deep_subtests_are_bounded() {
+        let mut doc = String::new();
+        for d in 0..100 {
+            doc.push_str(&" ".repeat(d * 4));
+            doc.push_str("1..1\n");
+        }
+        assert!(matches!(
+            parse(doc.as_bytes()),
+            Err(ReportError::Malformed { .. })
+        ));
+    }
 }
