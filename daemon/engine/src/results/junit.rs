@@ -446,6 +446,18 @@ mod tests {
     }
 
     #[test]
+    fn bom_and_doctype_are_fine() {
+        let t = one("\u{feff}<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<!-- generated -->\n<testsuites><testsuite name=\"s\"><testcase name=\"t\"/></testsuite></testsuites>\n");
+        assert_eq!(t.name, "s::t");
+        // Two reports concatenated: both read.
+        let v = parse(b"<testsuite name=\"a\"><testcase name=\"x\"/></testsuite>\n<testsuite name=\"b\"><testcase name=\"y\"/></testsuite>").unwrap();
+        assert_eq!(
+            v.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            ["a::x", "b::y"]
+        );
+    }
+
+    #[test]
     fn empty_reports_are_valid() {
         assert!(parse(b"<testsuites/>").unwrap().is_empty());
         assert!(
