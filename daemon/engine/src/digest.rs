@@ -10,8 +10,8 @@
 //! same digest. Hard links are hashed as independent files.
 //!
 //! Speed: the walk (lstat only) is sequential; file contents are hashed in
-//! parallel with rayon, big files through blake3's mmap support (and its own
-//! rayon split for very big ones). [`tree_digest_cached`] skips the content
+//! parallel with rayon, very big files also split by blake3's own rayon
+//! support. Files are read, not mmapped (see [`hash_content`]). [`tree_digest_cached`] skips the content
 //! pass when a stat-only walk shows nothing changed since the last time.
 
 use liminal_plan::Plan;
@@ -27,10 +27,10 @@ use std::path::{Path, PathBuf};
 const TREE_DOMAIN: &[u8] = b"liminal-tree-v1\0";
 /// Version tag of the input digest encoding.
 const INPUT_DOMAIN: &str = "liminal-input-v1";
-/// Files at least this big are hashed through mmap.
-const MMAP_MIN: u64 = 256 * 1024;
+/// Files are read whole below this size, in chunks of it above.
+const CHUNK: usize = 1 << 20;
 /// Files at least this big are also split across threads by blake3 itself.
-const MMAP_RAYON_MIN: u64 = 8 * 1024 * 1024;
+const RAYON_MIN: u64 = 8 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DigestError {
@@ -124,13 +124,18 @@ fn walk(root: &Path) -> Result<Vec<Entry>, DigestError> {
                 .unwrap_or_else(|| io::Error::other("filesystem loop"));
             DigestError::Io { path, source }
         })?;
-        let md = item.metadata().map_err(|e| {
-            let path = item.path().to_owned();
-            let source = e
-                .into_io_error()
-                .unwrap_or_else(|| io::Error::other("filesystem loop"));
-            DigestError::Io { path, source }
-        })?;
+        // The root is followed like a bind mount follows it.
+        let md = if item.depth() == 0 {
+            std::fs::metadata(item.path()).map_err(io_err(item.path()))?
+        } else {
+            item.metadata().map_err(|e| {
+                let path = item.path().to_owned();
+                let source = e
+                    .into_io_error()
+                    .unwrap_or_else(|| io::Error::other("filesystem loop"));
+                DigestError::Io { path, source }
+            })?
+        };
         let rel = item
             .path()
             .strip_prefix(root)
@@ -152,20 +157,47 @@ fn walk(root: &Path) -> Result<Vec<Entry>, DigestError> {
     Ok(out)
 }
 
-/// BLAKE3 of one regular file's content.
-fn hash_content(path: &Path, size_hint: u64) -> Result<blake3::Hash, DigestError> {
+/// BLAKE3 of one regular file's content and its length.
+///
+/// Read, not mmapped: this runs inside the daemon on user-supplied trees, and
+/// a file truncated while mapped would kill the whole daemon with SIGBUS.
+/// Big files are read in chunks that blake3 splits across threads.
+fn hash_content(path: &Path, size_hint: u64) -> Result<(blake3::Hash, u64), DigestError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
     let mut hasher = blake3::Hasher::new();
-    if size_hint >= MMAP_RAYON_MIN {
-        hasher.update_mmap_rayon(path).map_err(io_err(path))?;
-    } else if size_hint >= MMAP_MIN {
-        hasher.update_mmap(path).map_err(io_err(path))?;
-    } else {
-        let mut f = File::open(path).map_err(io_err(path))?;
+    if size_hint < CHUNK as u64 {
         let mut buf = Vec::with_capacity(size_hint as usize + 1);
         f.read_to_end(&mut buf).map_err(io_err(path))?;
         hasher.update(&buf);
+    } else {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = read_full(&mut f, &mut buf).map_err(io_err(path))?;
+            if n == 0 {
+                break;
+            }
+            if size_hint >= RAYON_MIN {
+                hasher.update_rayon(&buf[..n]);
+            } else {
+                hasher.update(&buf[..n]);
+            }
+        }
     }
-    Ok(hasher.finalize())
+    Ok((hasher.finalize(), hasher.count()))
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut len = 0;
+    while len < buf.len() {
+        match f.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(len)
 }
 
 fn put_bytes(h: &mut blake3::Hasher, b: &[u8]) {
@@ -185,7 +217,7 @@ fn digest_entries(entries: &[Entry]) -> Result<String, DigestError> {
     let contents: Vec<Option<(blake3::Hash, u64)>> = entries
         .par_iter()
         .map(|e| match e.kind {
-            Kind::File => hash_content(&e.abs, e.size).map(|h| Some((h, e.size))),
+            Kind::File => hash_content(&e.abs, e.size).map(Some),
             _ => Ok(None),
         })
         .collect::<Result<_, _>>()?;

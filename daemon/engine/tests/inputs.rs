@@ -126,6 +126,14 @@ fn tree_digest_of_a_single_file_and_of_a_missing_path() {
     let d = tree_digest(&f).unwrap();
     fs::write(&f, b"hellO").unwrap();
     assert_ne!(d, tree_digest(&f).unwrap());
+    // A symlinked root is followed, like a bind mount follows it.
+    let dir = tmp.path().join("dir");
+    sample_tree(&dir);
+    symlink(&dir, tmp.path().join("via-link")).unwrap();
+    assert_eq!(
+        tree_digest(&dir).unwrap(),
+        tree_digest(&tmp.path().join("via-link")).unwrap()
+    );
     let err = tree_digest(&tmp.path().join("missing")).unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
 }
@@ -1054,4 +1062,32 @@ fn declared_and_passed_descriptors_must_match() {
     let err = load(&[secret("tok", SecretSource::File(path))], passed, None).unwrap_err();
     assert!(matches!(err, SecretError::Undeclared { .. }), "{err:?}");
     assert_no_leak(&err, SECRET);
+}
+
+/// Any layout against umoci's unpacker, e.g. the debootstrap one:
+/// `LIMINAL_TEST_OCI=$HOME/.cache/liminal/oci-layouts/bookworm-minbase:latest
+///  cargo test -p liminal-engine --test inputs -- --ignored same_tree_as_umoci`
+#[test]
+#[ignore = "needs LIMINAL_TEST_OCI=LAYOUT:TAG, umoci and root"]
+fn same_tree_as_umoci_for_a_given_layout() {
+    let Some(spec) = std::env::var_os("LIMINAL_TEST_OCI") else {
+        eprintln!("SKIP: LIMINAL_TEST_OCI is not set");
+        return;
+    };
+    let spec = spec.into_string().unwrap();
+    let (layout, tag) = spec.rsplit_once(':').unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = std::time::Instant::now();
+    let img = resolve(&oci(Path::new(layout), tag), &tmp.path().join("cache")).unwrap();
+    eprintln!("liminal unpack: {:?}", t.elapsed());
+    let bundle = tmp.path().join("bundle");
+    let t = std::time::Instant::now();
+    let st = Command::new("umoci")
+        .args(["raw", "unpack", "--image", &spec])
+        .arg(&bundle)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    eprintln!("umoci raw unpack: {:?}", t.elapsed());
+    assert_eq!(tree_digest(&bundle).unwrap(), tree_digest(&img.rootfs).unwrap());
 }
