@@ -30,6 +30,7 @@ use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeSet, HashSet};
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -536,9 +537,22 @@ impl Oci<'_> {
             fs::rename(entry, &aside).map_err(cache_err(entry))?;
             drop(old);
         }
+        // Everything on disk before the rename makes the entry visible: after
+        // a power loss an entry is either complete or absent. syncfs is one
+        // call for the whole tree (its cost is the unpacked data's writeback).
+        let dir = fs::File::open(tmp.path()).map_err(cache_err(tmp.path()))?;
+        nix::unistd::syncfs(dir.as_raw_fd()).map_err(|e| ImageError::Cache {
+            path: tmp.path().to_owned(),
+            source: e.into(),
+        })?;
         let tmp_path = tmp.keep();
         match fs::rename(&tmp_path, entry) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if let Ok(d) = fs::File::open(oci_dir) {
+                    let _ = d.sync_all();
+                }
+                Ok(())
+            }
             // Another resolver finished first: its entry is as good as ours.
             Err(_) if cache_entry_valid(entry) => {
                 let _ = fs::remove_dir_all(&tmp_path);
