@@ -31,7 +31,8 @@ pub const MAX_SIGNAL_NAME: usize = 200;
 /// Where secrets overlap in the text (`abcd` and `cdef` in `abcdef`), the
 /// whole covered span becomes one `***`, so no part of either secret leaks
 /// (a leftmost-longest replacement would print `***ef`). Two occurrences
-/// side by side stay two masks. Empty secrets are ignored. Short secrets
+/// side by side stay two masks; a secret inside a longer one is covered by
+/// the longer one's mask (the longest match wins). Empty secrets are ignored. Short secrets
 /// (under 4 bytes) are still masked: that over-masks ordinary text (a PIN
 /// `123` masks every `123` in the logs), which we prefer to leaking it; the
 /// runner may warn about short secrets.
