@@ -437,3 +437,41 @@ fn missing_too_large_and_symlinked_reports() {
         Err(ReportError::Unreadable { .. })
     ));
 }
+
+// ---------------------------------------------------------------- robustness
+
+/// Every prefix of every fixture (a report cut off at any byte, as a crashed
+/// writer leaves it) parses without panicking; JUnit prefixes that stop
+/// before the root is closed are always Malformed.
+#[test]
+fn every_truncation_is_handled() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reports");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let root_closed = bytes
+            .windows(b"</testsuites>".len())
+            .position(|w| w == b"</testsuites>")
+            .or_else(|| {
+                bytes
+                    .windows(b"</testsuite>".len())
+                    .rposition(|w| w == b"</testsuite>")
+            });
+        for cut in 0..bytes.len() {
+            let prefix = &bytes[..cut];
+            let _ = parse_report(Tap, prefix);
+            let junit = parse_report(Junit, prefix);
+            if name.ends_with(".xml") && name != "empty.xml" {
+                if let Some(end) = root_closed {
+                    if cut <= end {
+                        assert!(
+                            matches!(junit, Err(ReportError::Malformed { .. })),
+                            "{name} cut at {cut}: {junit:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
