@@ -37,6 +37,23 @@ pub struct ParsedTest {
     pub system_out: Option<String>,
 }
 
+impl ParsedTest {
+    /// Masks secrets in everything the report said (name, message, output):
+    /// the report was written by the tests, which can see the secrets.
+    pub fn redacted(self, redactor: &crate::signals::Redactor) -> ParsedTest {
+        let mask = |s: String| match redactor.redact(s.as_bytes()) {
+            std::borrow::Cow::Borrowed(_) => s,
+            std::borrow::Cow::Owned(b) => String::from_utf8_lossy(&b).into_owned(),
+        };
+        ParsedTest {
+            name: mask(self.name),
+            message: self.message.map(mask),
+            system_out: self.system_out.map(mask),
+            ..self
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     #[error("test report {} does not exist", .0.display())]
@@ -190,6 +207,23 @@ mod tests {
         assert!(capped.len() < MAX_TEXT_BYTES + 64);
         assert!(capped.ends_with("bytes cut]"));
         assert_eq!(cap_text("short".into()), "short");
+    }
+
+    #[test]
+    fn redacted_masks_every_text_field() {
+        let r = crate::signals::Redactor::new(&[b"s3cret"]);
+        let t = ParsedTest {
+            name: "login with s3cret".into(),
+            status: TestStatus::Failed,
+            duration_ms: 3,
+            message: Some("expected s3cret".into()),
+            system_out: Some("token=s3cret\n".into()),
+        }
+        .redacted(&r);
+        assert_eq!(t.name, "login with ***");
+        assert_eq!(t.message.as_deref(), Some("expected ***"));
+        assert_eq!(t.system_out.as_deref(), Some("token=***\n"));
+        assert_eq!(t.duration_ms, 3);
     }
 
     #[test]
