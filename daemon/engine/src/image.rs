@@ -11,6 +11,10 @@
 //!   breaks overlayfs `lowerdir=` options). Unpacking happens in a temporary
 //!   sibling folder that is renamed into place, so a crash never leaves a
 //!   half-unpacked entry; a later resolve of the same manifest is a cache hit.
+//!   Nothing is fsynced (too slow on a busy host); instead the entry records
+//!   its tree digest and the boot it was written in, and the first use after
+//!   a reboot re-digests it (a power loss may have emptied files) and
+//!   unpacks again if it changed.
 //!
 //! Layer safety: entries with `..` components are rejected, absolute names
 //! are taken relative to the rootfs (never the host), and nothing is ever
@@ -30,7 +34,6 @@ use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeSet, HashSet};
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -190,6 +193,20 @@ struct Marker {
     unpacker: u32,
     manifest: String,
     layers: Vec<String>,
+    /// Tree digest of `rootfs` right after unpacking.
+    tree: String,
+    /// The boot the tree was last known good in (see [`cache_state`]).
+    boot_id: String,
+}
+
+/// What a cache entry is good for.
+enum CacheState {
+    Missing,
+    Ready,
+    /// Complete, but written or last checked before the last boot: files
+    /// are not fsynced when unpacking (see [`Oci::unpack`]), so a power loss
+    /// since may have emptied some. One tree digest tells.
+    Unverified(Marker),
 }
 
 /// How a layer blob is compressed.
@@ -246,7 +263,7 @@ impl Oci<'_> {
         let oci_dir = cache_dir.join("oci");
         let entry = oci_dir.join(format!("sha256-{}", manifest_desc.digest().digest()));
         let rootfs = entry.join("rootfs");
-        if cache_entry_valid(&entry) {
+        if let CacheState::Ready = cache_state(&entry) {
             tracing::debug!(rootfs = %rootfs.display(), "OCI image cache hit");
             return Ok(ResolvedImage {
                 rootfs,
@@ -275,8 +292,13 @@ impl Oci<'_> {
                 path: lock_path.clone(),
                 source: e.into(),
             })?;
-        if cache_entry_valid(&entry) {
-            tracing::debug!(rootfs = %rootfs.display(), "OCI image unpacked by another resolver meanwhile");
+        let usable = match cache_state(&entry) {
+            CacheState::Ready => true,
+            CacheState::Unverified(marker) => verify_after_reboot(&entry, marker),
+            CacheState::Missing => false,
+        };
+        if usable {
+            tracing::debug!(rootfs = %rootfs.display(), "OCI image cache hit (after waiting or checking)");
             return Ok(ResolvedImage {
                 rootfs,
                 digest: manifest_digest,
@@ -519,6 +541,11 @@ impl Oci<'_> {
                 .iter()
                 .map(|l| l.digest().to_string())
                 .collect(),
+            // Read back from the page cache: about 0.3 s per 150 MB, far less
+            // than syncing the unpacked tree (measured 17 s more on a busy
+            // host, as syncfs also waits for everyone else's dirty data).
+            tree: digest::tree_digest(&rootfs)?,
+            boot_id: boot_id(),
         };
         let marker_path = tmp.path().join(MARKER);
         let marker_json = serde_json::to_vec_pretty(&marker).map_err(|e| ImageError::Cache {
@@ -527,8 +554,9 @@ impl Oci<'_> {
         })?;
         fs::write(&marker_path, marker_json).map_err(cache_err(&marker_path))?;
 
-        // An outdated entry (older unpacker) is moved aside, then replaced.
-        if entry.exists() && !cache_entry_valid(entry) {
+        // An unusable entry (older unpacker, failed check) is moved aside,
+        // then replaced.
+        if entry.exists() {
             let old = tempfile::Builder::new()
                 .prefix(&format!(".tmp-{}-old-", std::process::id()))
                 .tempdir_in(oci_dir)
@@ -537,24 +565,14 @@ impl Oci<'_> {
             fs::rename(entry, &aside).map_err(cache_err(entry))?;
             drop(old);
         }
-        // Everything on disk before the rename makes the entry visible: after
-        // a power loss an entry is either complete or absent. syncfs is one
-        // call for the whole tree (its cost is the unpacked data's writeback).
-        let dir = fs::File::open(tmp.path()).map_err(cache_err(tmp.path()))?;
-        nix::unistd::syncfs(dir.as_raw_fd()).map_err(|e| ImageError::Cache {
-            path: tmp.path().to_owned(),
-            source: e.into(),
-        })?;
+        // The rename publishes a complete entry: a crashed process leaves
+        // only a `.tmp-<pid>-*` folder, removed later. Nothing is fsynced (a
+        // power loss is caught by the tree check after the next boot).
         let tmp_path = tmp.keep();
         match fs::rename(&tmp_path, entry) {
-            Ok(()) => {
-                if let Ok(d) = fs::File::open(oci_dir) {
-                    let _ = d.sync_all();
-                }
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             // Another resolver finished first: its entry is as good as ours.
-            Err(_) if cache_entry_valid(entry) => {
+            Err(_) if matches!(cache_state(entry), CacheState::Ready) => {
                 let _ = fs::remove_dir_all(&tmp_path);
                 Ok(())
             }
@@ -662,13 +680,55 @@ fn is_manifest_type(mt: &MediaType) -> bool {
     }
 }
 
-fn cache_entry_valid(entry: &Path) -> bool {
+/// This boot's id; empty if unknown (then every use re-checks).
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn cache_state(entry: &Path) -> CacheState {
     let Ok(bytes) = fs::read(entry.join(MARKER)) else {
-        return false;
+        return CacheState::Missing;
     };
     match serde_json::from_slice::<Marker>(&bytes) {
-        Ok(m) => m.unpacker == UNPACK_VERSION && entry.join("rootfs").is_dir(),
-        Err(_) => false,
+        Ok(m) if m.unpacker == UNPACK_VERSION && entry.join("rootfs").is_dir() => {
+            if !m.boot_id.is_empty() && m.boot_id == boot_id() {
+                CacheState::Ready
+            } else {
+                CacheState::Unverified(m)
+            }
+        }
+        _ => CacheState::Missing,
+    }
+}
+
+/// Re-digests an entry written before this boot; if intact, marks it good
+/// for this boot. Called with the entry's lock held.
+fn verify_after_reboot(entry: &Path, mut marker: Marker) -> bool {
+    let rootfs = entry.join("rootfs");
+    match digest::tree_digest(&rootfs) {
+        Ok(d) if d == marker.tree => {
+            marker.boot_id = boot_id();
+            let write = || -> io::Result<()> {
+                let mut tmp = tempfile::NamedTempFile::new_in(entry)?;
+                serde_json::to_writer_pretty(&mut tmp, &marker).map_err(io::Error::other)?;
+                tmp.persist(entry.join(MARKER)).map_err(|e| e.error)?;
+                Ok(())
+            };
+            if let Err(e) = write() {
+                tracing::warn!(entry = %entry.display(), error = %e, "cannot update the image cache marker");
+            }
+            true
+        }
+        Ok(d) => {
+            tracing::warn!(entry = %entry.display(), expected = %marker.tree, actual = %d, "unpacked image changed since it was unpacked; unpacking again");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(entry = %entry.display(), error = %e, "cannot check unpacked image; unpacking again");
+            false
+        }
     }
 }
 

@@ -274,8 +274,10 @@ fn seal(name: &str, bytes: &[u8]) -> Result<OwnedFd, SecretError> {
         source,
     };
     // The memfd name shows in /proc/PID/fd; only the secret's name goes there.
-    let label = CString::new(format!("liminal-secret:{}", name.replace('\0', "")))
-        .map_err(|e| err(io::Error::other(e)))?;
+    // memfd names are limited to 249 bytes.
+    let short: String = name.chars().filter(|c| *c != '\0').take(64).collect();
+    let label =
+        CString::new(format!("liminal-secret:{short}")).map_err(|e| err(io::Error::other(e)))?;
     let fd = memfd_create(
         &label,
         MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,

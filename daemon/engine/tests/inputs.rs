@@ -473,6 +473,48 @@ fn oci_half_unpacked_leftovers_of_dead_processes_are_removed() {
 }
 
 #[test]
+fn oci_entry_from_an_earlier_boot_is_checked_and_repaired() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    let cache = tmp.path().join("cache");
+    write_layout(&layout, "v1", &two_layers(), GZ);
+    let img = resolve(&oci(&layout, "v1"), &cache).unwrap();
+    let marker_path = img.rootfs.parent().unwrap().join("liminal-unpacked.json");
+    let set_old_boot = || {
+        let mut m: serde_json::Value =
+            serde_json::from_slice(&fs::read(&marker_path).unwrap()).unwrap();
+        assert!(m["tree"].as_str().unwrap().starts_with("blake3:"));
+        m["boot_id"] = "an-earlier-boot".into();
+        fs::write(&marker_path, m.to_string()).unwrap();
+    };
+    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+
+    // Intact after a "reboot": kept, and marked good for this boot.
+    set_old_boot();
+    let ino = fs::metadata(img.rootfs.join("opt/new")).unwrap().ino();
+    assert_eq!(resolve(&oci(&layout, "v1"), &cache).unwrap(), img);
+    assert_eq!(fs::metadata(img.rootfs.join("opt/new")).unwrap().ino(), ino);
+    let m: serde_json::Value = serde_json::from_slice(&fs::read(&marker_path).unwrap()).unwrap();
+    assert_eq!(m["boot_id"].as_str().unwrap(), boot_id.trim());
+
+    // Emptied by a "power loss": unpacked again.
+    fs::write(img.rootfs.join("opt/new"), b"").unwrap();
+    set_old_boot();
+    assert_eq!(resolve(&oci(&layout, "v1"), &cache).unwrap(), img);
+    assert_eq!(fs::read(img.rootfs.join("opt/new")).unwrap(), b"new");
+    no_oci_leftovers_but(&cache, 1);
+}
+
+fn no_oci_leftovers_but(cache: &Path, entries: usize) {
+    let names: Vec<_> = fs::read_dir(cache.join("oci"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with(".lock-"))
+        .collect();
+    assert_eq!(names.len(), entries, "{names:?}");
+}
+
+#[test]
 fn oci_concurrent_resolves_unpack_once() {
     let tmp = tempfile::tempdir().unwrap();
     let layout = tmp.path().join("layout");
@@ -664,6 +706,18 @@ fn oci_absolute_names_stay_inside_the_rootfs() {
     let inside = img.rootfs.join(name.trim_start_matches('/'));
     assert_eq!(fs::read(inside).unwrap(), b"x");
     assert_eq!(fs::read(img.rootfs.join("etc/motd")).unwrap(), b"m");
+}
+
+#[test]
+fn oci_layer_without_final_padding_unpacks() {
+    // What umoci 0.4.7 writes: the last file's data unpadded, no end blocks.
+    let full = tar_layer(&[E::File("etc/motd", b"hi\n", 0o644)]);
+    let truncated = full[..512 + 3].to_vec();
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    write_layout(&layout, "t", &[truncated], GZ);
+    let img = resolve(&oci(&layout, "t"), &tmp.path().join("cache")).unwrap();
+    assert_eq!(fs::read(img.rootfs.join("etc/motd")).unwrap(), b"hi\n");
 }
 
 #[test]
@@ -938,6 +992,21 @@ fn passed_memfd_regular_file_and_pipe_are_accepted() {
 }
 
 #[test]
+fn a_long_secret_name_still_gets_a_memfd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("t");
+    fs::write(&path, SECRET).unwrap();
+    let name = "n".repeat(300);
+    let out = load(
+        &[secret(&name, SecretSource::File(path))],
+        BTreeMap::new(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(read_all_from(&out[0].fd), SECRET);
+}
+
+#[test]
 fn passed_socket_directory_and_device_are_rejected() {
     let (a, _b) = nix::sys::socket::socketpair(
         nix::sys::socket::AddressFamily::Unix,
@@ -1089,5 +1158,8 @@ fn same_tree_as_umoci_for_a_given_layout() {
         .unwrap();
     assert!(st.success());
     eprintln!("umoci raw unpack: {:?}", t.elapsed());
-    assert_eq!(tree_digest(&bundle).unwrap(), tree_digest(&img.rootfs).unwrap());
+    assert_eq!(
+        tree_digest(&bundle).unwrap(),
+        tree_digest(&img.rootfs).unwrap()
+    );
 }
