@@ -19,6 +19,8 @@ debootstrap --variant=minbase bookworm "$tmp" "$mirror" >&2
 # No apt caches or logs with build times in the image.
 rm -rf "$tmp"/var/cache/apt/*.bin "$tmp"/var/lib/apt/lists/* "$tmp"/var/log/* \
        "$tmp"/var/cache/ldconfig/aux-cache
+# mktemp made the root 0700; a rootfs root is 0755.
+chmod 0755 "$tmp"
 # Fixed mtimes: the rootfs digest must not depend on when it was built.
 find "$tmp" -xdev -exec touch -h -d @0 {} +
 touch "$tmp/.liminal-rootfs"
