@@ -56,6 +56,7 @@ struct RunInfo {
 #[derive(Default)]
 struct Runs {
     index: HashMap<Box<[u8]>, u32>,
+    ids: Vec<Box<[u8]>>,
     info: Vec<RunInfo>,
     digests: HashMap<String, u32>,
 }
@@ -80,6 +81,7 @@ impl Runs {
             failed: 0,
         });
         self.index.insert(id.into(), i);
+        self.ids.push(id.into());
         i
     }
 }
@@ -110,6 +112,9 @@ pub(crate) fn all_tests(cutoff: TimestampWithTimeZone) -> Vec<(String, Stability
     let mut entries: Vec<u32> = Vec::new();
     let mut unknown: Vec<Vec<u8>> = Vec::new();
     let mut current: Vec<u8> = Vec::new();
+    const NONE: u32 = u32::MAX;
+    let mut successor: Vec<u32> = Vec::new();
+    let (mut first_run, mut prev_run) = (NONE, NONE);
     stream(
         "SELECT test_name, status, run_id FROM liminal.test_result_versions
          WHERE tx_to = 'infinity' AND valid_to = 'infinity' AND started_at >= $1
@@ -121,7 +126,8 @@ pub(crate) fn all_tests(cutoff: TimestampWithTimeZone) -> Vec<(String, Stability
             else {
                 return;
             };
-            if tests.is_empty() || name != current.as_slice() {
+            let new_test = tests.is_empty() || name != current.as_slice();
+            if new_test {
                 if let Some(last) = tests.last_mut() {
                     last.2 = entries.len();
                 }
@@ -129,13 +135,34 @@ pub(crate) fn all_tests(cutoff: TimestampWithTimeZone) -> Vec<(String, Stability
                 current.extend_from_slice(name);
                 tests.push((String::from_utf8_lossy(name).into_owned(), entries.len(), 0));
             }
-            let run = match runs.index.get(run_id) {
-                Some(&i) => i,
-                None => {
-                    unknown.push(run_id.to_vec());
-                    runs.add(run_id, None, None)
+            // Tests mostly run in the same runs in the same order: predict
+            // the run from the previous test's sequence (a memcmp) before
+            // hashing.
+            let predicted = if new_test {
+                first_run
+            } else {
+                successor.get(prev_run as usize).copied().unwrap_or(NONE)
+            };
+            let run = if predicted != NONE && &*runs.ids[predicted as usize] == run_id {
+                predicted
+            } else {
+                match runs.index.get(run_id) {
+                    Some(&i) => i,
+                    None => {
+                        unknown.push(run_id.to_vec());
+                        runs.add(run_id, None, None)
+                    }
                 }
             };
+            if new_test {
+                first_run = run;
+            } else {
+                if successor.len() <= prev_run as usize {
+                    successor.resize(runs.ids.len().max(prev_run as usize + 1), NONE);
+                }
+                successor[prev_run as usize] = run;
+            }
+            prev_run = run;
             let o = outcome(status);
             let info = &mut runs.info[run as usize];
             info.total += 1;
@@ -207,7 +234,7 @@ pub(crate) fn one_test(test_name: &str, cutoff: TimestampWithTimeZone) -> Option
                AND r.test_name = $1 AND r.started_at >= $2 AND r.status <> 'skipped'
          )
          SELECT t.status, ru.status, ru.input_digest, f.failed, f.cap,
-                CASE WHEN f.failed = 0 THEN 0 ELSE (
+                CASE WHEN coalesce(f.failed, 0) = 0 THEN 0 ELSE (
                     SELECT count(*) FROM (
                         SELECT 1 FROM liminal.test_result_versions x
                         WHERE x.tx_to = 'infinity' AND x.valid_to = 'infinity' AND x.run_id = t.run_id
@@ -215,12 +242,14 @@ pub(crate) fn one_test(test_name: &str, cutoff: TimestampWithTimeZone) -> Option
          FROM t
          LEFT JOIN liminal.run_versions ru
                 ON ru.run_id = t.run_id AND ru.tx_to = 'infinity' AND ru.valid_to = 'infinity'
-         CROSS JOIN LATERAL (
+         LEFT JOIN LATERAL (
              SELECT n AS failed, greatest(floor(n::float8 / $3)::bigint + 1, $4::bigint, 1) AS cap
              FROM (SELECT count(*) AS n FROM liminal.test_result_versions y
                    WHERE y.tx_to = 'infinity' AND y.valid_to = 'infinity'
                      AND y.status IN ('failed', 'error') AND y.run_id = t.run_id) k
-         ) f
+             -- Runs excluded by status need no counting.
+             WHERE coalesce(ru.status, '') NOT IN ('error', 'timeout', 'interrupted')
+         ) f ON true
          ORDER BY t.started_at",
         &[
             DatumWithOid::from(test_name),
