@@ -9,7 +9,7 @@
 mod state;
 
 #[path = "../../liminald/src/engine_glue.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 mod engine_glue;
 mod local;
 mod output;
