@@ -22,7 +22,7 @@ for applet in $("$bb" --list); do
 done
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$tmp/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' > "$tmp/etc/group"
-chmod 1777 "$tmp/tmp"
+chmod 755 "$tmp"; chmod 1777 "$tmp/tmp"
 # Fixed mtimes: the rootfs digest must not depend on when it was built.
 find "$tmp" -exec touch -h -d @0 {} +
 touch "$tmp/.liminal-rootfs"
