@@ -70,6 +70,14 @@ fn real_main() -> Result<()> {
         .read_to_string(&mut text)
         .context("reading the job from stdin")?;
     let job: Job = serde_json::from_str(&text).context("parsing the job")?;
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--bench-loop") {
+        let n: usize = args
+            .get(2)
+            .and_then(|a| a.parse().ok())
+            .context("--bench-loop N")?;
+        return bench_loop(&job, n);
+    }
     if job.version != job::PROTOCOL_VERSION {
         bail!(
             "job protocol version {} (this helper speaks {})",
@@ -117,6 +125,16 @@ fn run_job(job: &Job) -> JobReport {
 }
 
 fn supervise(job: &Job, report: &mut JobReport) -> Result<Outcome> {
+    let sigfd = setup(job)?;
+    // SAFETY: the engine passes these descriptors for the container's stdio.
+    let stdout = unsafe { OwnedFd::from_raw_fd(job.stdout_fd) };
+    let stderr = unsafe { OwnedFd::from_raw_fd(job.stderr_fd) };
+    launch(job, &sigfd, report, stdout, stderr)
+}
+
+/// Once per helper: cancel signals, private mount namespace, staged rootfs
+/// and mounts, config.json, descriptor ownership.
+fn setup(job: &Job) -> Result<SignalFd> {
     // Signals that mean "cancel" arrive through a signalfd. The mask is
     // inherited by the container, so the executor clears it before exec.
     let mut mask = SigSet::empty();
@@ -156,12 +174,19 @@ fn supervise(job: &Job, report: &mut JobReport) -> Result<Outcome> {
         nix::unistd::fchown(fd, Some(uid), Some(gid))
             .with_context(|| format!("fchown of descriptor {fd}"))?;
     }
+    Ok(sigfd)
+}
 
+/// One container: create, start, wait (with timeout and cancel).
+fn launch(
+    job: &Job,
+    sigfd: &SignalFd,
+    report: &mut JobReport,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> Result<Outcome> {
     let t = Instant::now();
     let devnull = File::open("/dev/null").context("opening /dev/null")?;
-    // SAFETY: the engine passes these descriptors for the container's stdio.
-    let stdout = unsafe { OwnedFd::from_raw_fd(job.stdout_fd) };
-    let stderr = unsafe { OwnedFd::from_raw_fd(job.stderr_fd) };
     let executor = LiminalExecutor {
         writable: job.writable_paths.clone(),
         cpus: spec::first_cpus(job.resources.cpus)?,
@@ -196,7 +221,7 @@ fn supervise(job: &Job, report: &mut JobReport) -> Result<Outcome> {
     report.timings.start_us = t.elapsed().as_micros() as u64;
 
     let t = Instant::now();
-    let status = wait_with_deadline(job, &mut container, pid, &sigfd, report)?;
+    let status = wait_with_deadline(job, &mut container, pid, sigfd, report)?;
     report.timings.wait_us = t.elapsed().as_micros() as u64;
     Ok(match status {
         WaitStatus::Exited(_, code) => Outcome::Exited { code },
@@ -393,4 +418,49 @@ fn set_lo_up() -> Result<()> {
 #[allow(dead_code)]
 fn exists(p: &Path) -> bool {
     p.symlink_metadata().is_ok()
+}
+
+/// `liminal-sandbox --bench-loop N < job.json`: the raw helper loop for
+/// `benches/sandbox-latency`: setup once, then N times create + start + wait
+/// + delete in this process; one JSON line of timings per run on stdout.
+/// The job's report fd is not used.
+fn bench_loop(job: &Job, n: usize) -> Result<()> {
+    let sigfd = setup(job)?;
+    let created_parents = job::missing_cgroup_parents(&job.cgroup_path);
+    let mut out = std::io::stdout().lock();
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut report = JobReport {
+            outcome: Outcome::Exited { code: -1 },
+            timed_out: false,
+            cancelled: false,
+            oom_killed: false,
+            cleanup_errors: Vec::new(),
+            timings: Timings::default(),
+        };
+        let stdout = nix::unistd::dup(job.stdout_fd).context("dup stdout")?;
+        let stderr = nix::unistd::dup(job.stderr_fd).context("dup stderr")?;
+        // SAFETY: fresh descriptors from dup.
+        let (stdout, stderr) =
+            unsafe { (OwnedFd::from_raw_fd(stdout), OwnedFd::from_raw_fd(stderr)) };
+        let outcome = launch(job, &sigfd, &mut report, stdout, stderr)?;
+        let d = Instant::now();
+        let mut errors = Vec::new();
+        cleanup(job, &[], &mut errors);
+        report.timings.delete_us = d.elapsed().as_micros() as u64;
+        if outcome != (Outcome::Exited { code: 0 }) || !errors.is_empty() {
+            bail!("bench run failed: {outcome:?} {errors:?}");
+        }
+        writeln!(
+            out,
+            "{{\"total_us\":{},\"create_us\":{},\"start_us\":{},\"wait_us\":{},\"delete_us\":{}}}",
+            t.elapsed().as_micros(),
+            report.timings.create_us,
+            report.timings.start_us,
+            report.timings.wait_us,
+            report.timings.delete_us
+        )?;
+    }
+    job::remove_empty_dirs(&created_parents);
+    Ok(())
 }

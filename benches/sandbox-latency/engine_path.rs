@@ -1,0 +1,89 @@
+//! The engine path of `benches/sandbox-latency`: `liminal_engine::run` of a
+//! `/bin/true` plan in the busybox rootfs, N times, as liminald runs it
+//! (input digest incl. the image tree digest, helper spawn, facts, cleanup).
+//!
+//! `sandbox-latency --helper BIN --rootfs DIR --state DIR --runs N`
+//! prints one JSON object: per-run milliseconds for the whole engine run and
+//! for the image resolution (the rootfs tree digest) inside it.
+
+use liminal_engine::runner::{self, CancelHandle, EngineConfig, RunRequest};
+use liminal_facts::RunStatus;
+use liminal_plan::{Plan, PlanSource};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("sandbox-latency: {e}");
+        std::process::exit(2);
+    }
+}
+
+fn arg(args: &[String], name: &str) -> Result<String, String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .ok_or_else(|| format!("missing {name}"))
+}
+
+fn real_main() -> Result<(), String> {
+    let args: Vec<String> = std::env::args().collect();
+    let helper = PathBuf::from(arg(&args, "--helper")?);
+    let rootfs = arg(&args, "--rootfs")?;
+    let state = PathBuf::from(arg(&args, "--state")?);
+    let runs: usize = arg(&args, "--runs")?.parse().map_err(|e| format!("--runs: {e}"))?;
+    let text = format!(
+        "[run]\nname = \"bench\"\nimage = \"{rootfs}\"\ncommand = [\"/bin/true\"]\n"
+    );
+    let plan = Plan::parse(
+        &text,
+        &PlanSource {
+            file: Path::new("<bench>"),
+            base_dir: Path::new("/"),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let cfg = EngineConfig {
+        state_dir: state.clone(),
+        cache_dir: state.join("cache"),
+        helper,
+        host: "bench".into(),
+        cgroup_parent: String::new(),
+        credentials_dir: None,
+    };
+    let mut engine_ms = Vec::new();
+    let mut image_ms = Vec::new();
+    for i in 0..runs + 5 {
+        let t = Instant::now();
+        liminal_engine::image::resolve(&plan.image, &cfg.cache_dir).map_err(|e| e.to_string())?;
+        let image = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let out = runner::run(
+            &cfg,
+            RunRequest {
+                run_id: liminal_facts::new_id(),
+                plan: plan.clone(),
+                fd_secrets: BTreeMap::new(),
+            },
+            &mut |_| {},
+            &CancelHandle::new(),
+        )
+        .map_err(|e| e.to_string())?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        if out.status != RunStatus::Passed {
+            return Err(format!("run {i}: {:?} {:?}", out.status, out.reason));
+        }
+        // The first five are warm-up.
+        if i >= 5 {
+            engine_ms.push(ms);
+            image_ms.push(image);
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "engine_ms": engine_ms, "image_resolve_ms": image_ms })
+    );
+    Ok(())
+}
