@@ -93,4 +93,11 @@ wait_cursor "$SRC2" 500 60
 check "trimmed range recorded" "$(psql_q "SELECT kind || ':' || seq FROM liminal.ingest_errors WHERE source = '$SRC2'")" "trimmed:1"
 check "facts after the trimmed range stored" "$(psql_q "SELECT count(*) FROM liminal.signal_versions WHERE source = '$SRC2'")" \
   "$(psql_q "SELECT count(*) FROM generate_series(50, 500) s WHERE (s - 1) % 92 NOT IN (0, 91) AND ((s - 1) % 92 - 1) % 9 <> 8")"
+# The documented examples and BI views run on this data.
+ROOT=$(cd "$HERE/../.." && pwd)
+for f in "$ROOT"/sql/examples/*.sql "$ROOT"/sql/bi/views.sql; do
+    "${AS_PG[@]}" "$PG_BIN/psql" -h "$T" -p "$PORT" -d postgres -Xq -v ON_ERROR_STOP=1 -f "$f" >/dev/null
+    echo "ok: $(basename "$f") runs"
+done
+check "BI view rows" "$(psql_q "SELECT count(*) FROM liminal_bi.test_outcomes")" "$(psql_q "SELECT count(*) FROM liminal.test_results")"
 echo "PASS: ingest exactly once"

@@ -5,7 +5,8 @@
 
 use super::store::WireFact;
 use futures_util::StreamExt;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 use tokio::sync::mpsc as tmpsc;
 use zbus::proxy::CacheProperties;
@@ -21,11 +22,19 @@ pub enum Event {
     /// A (re)connection: the spool id keys the cursor.
     Connected { spool_id: String, last_seq: u64 },
     /// Facts announced by FactsAppended (`replay == false`) or returned by FactsSince.
-    Facts { facts: Vec<WireFact>, #[allow(dead_code)] replay: bool },
+    Facts {
+        facts: Vec<WireFact>,
+        #[allow(dead_code)]
+        replay: bool,
+    },
     /// A replay ran until FactsSince returned nothing; `last_seq` is the daemon's LastSeq then.
     ReplayDone { last_seq: Option<u64> },
     /// The facts after `after` were trimmed from the spool; the first available is `first`.
-    Trimmed { after: u64, first: u64, message: String },
+    Trimmed {
+        after: u64,
+        first: u64,
+        message: String,
+    },
     /// The session ended; the thread reconnects after a backoff.
     Disconnected { error: String },
 }
@@ -66,7 +75,13 @@ impl Waker {
 struct Out {
     tx: mpsc::Sender<Event>,
     waker: Waker,
+    /// The cursor the main thread has committed: a replay pauses while it
+    /// is more than [`REPLAY_AHEAD`] facts ahead of it (flow control).
+    committed: Arc<AtomicU64>,
 }
+
+/// How far a replay may run ahead of the committed cursor.
+const REPLAY_AHEAD: u64 = 2 * REPLAY_MAX as u64;
 
 impl Out {
     fn send(&self, e: Event) -> Result<(), Stop> {
@@ -110,6 +125,7 @@ pub fn normalize_address(addr: &str) -> String {
 pub fn spawn(
     address: Option<String>,
     waker: Waker,
+    committed: Arc<AtomicU64>,
 ) -> std::io::Result<(mpsc::Receiver<Event>, tmpsc::UnboundedSender<Command>)> {
     let (tx, rx) = mpsc::channel();
     let (ctx, crx) = tmpsc::unbounded_channel();
@@ -121,7 +137,17 @@ pub fn spawn(
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
         let r = std::thread::Builder::new()
             .name("liminal-bus".into())
-            .spawn(move || run(address, Out { tx, waker }, crx));
+            .spawn(move || {
+                run(
+                    address,
+                    Out {
+                        tx,
+                        waker,
+                        committed,
+                    },
+                    crx,
+                )
+            });
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         r?;
     }
@@ -129,10 +155,15 @@ pub fn spawn(
 }
 
 fn run(address: Option<String>, out: Out, mut cmds: tmpsc::UnboundedReceiver<Command>) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
-            let _ = out.send(Event::Disconnected { error: format!("tokio runtime: {e}") });
+            let _ = out.send(Event::Disconnected {
+                error: format!("tokio runtime: {e}"),
+            });
             return;
         }
     };
@@ -162,7 +193,11 @@ fn run(address: Option<String>, out: Out, mut cmds: tmpsc::UnboundedReceiver<Com
 
 async fn connect(address: Option<&str>) -> zbus::Result<zbus::Connection> {
     match address {
-        Some(a) => zbus::connection::Builder::address(normalize_address(a).as_str())?.build().await,
+        Some(a) => {
+            zbus::connection::Builder::address(normalize_address(a).as_str())?
+                .build()
+                .await
+        }
         None => zbus::Connection::system().await,
     }
 }
@@ -194,7 +229,9 @@ async fn session_inner(
     let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
     // Subscribe before reading the cursor's source so nothing announced in
     // between is missed; the replay covers what came before.
-    let mut owner_changes = dbus.receive_name_owner_changed_with_args(&[(0, BUS_NAME)]).await?;
+    let mut owner_changes = dbus
+        .receive_name_owner_changed_with_args(&[(0, BUS_NAME)])
+        .await?;
     let mut appended = proxy.receive_signal("FactsAppended").await?;
     let spool_id: String = proxy.get_property("SpoolId").await?;
     let last_seq: u64 = proxy.get_property("LastSeq").await?;
@@ -207,14 +244,25 @@ async fn session_inner(
         while let Some(msg) = appended.next().await {
             match msg.body().deserialize::<Vec<(u64, String, String)>>() {
                 Ok(facts) => {
-                    let facts = facts.into_iter().map(|(seq, kind, json)| WireFact { seq, kind, json }).collect();
-                    if fwd.send(Event::Facts { facts, replay: false }).is_err() {
+                    let facts = facts
+                        .into_iter()
+                        .map(|(seq, kind, json)| WireFact { seq, kind, json })
+                        .collect();
+                    if fwd
+                        .send(Event::Facts {
+                            facts,
+                            replay: false,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                 }
                 // A malformed signal is not a fact; the replay after the gap
                 // it leaves fetches the facts themselves.
-                Err(e) => eprintln!("liminal ingest: ignoring a FactsAppended signal with a bad body: {e}"),
+                Err(e) => eprintln!(
+                    "liminal ingest: ignoring a FactsAppended signal with a bad body: {e}"
+                ),
             }
         }
     });
@@ -255,7 +303,9 @@ async fn replay(proxy: &zbus::Proxy<'_>, out: &Out, mut after: u64) -> Result<()
             .await;
         let facts = match r {
             Ok(f) => f,
-            Err(zbus::Error::MethodError(name, msg, _)) if name.as_str().ends_with(".Error.Trimmed") => {
+            Err(zbus::Error::MethodError(name, msg, _))
+                if name.as_str().ends_with(".Error.Trimmed") =>
+            {
                 let message = msg.unwrap_or_default();
                 // The message names the first available seq: take the last number in it.
                 let first = message
@@ -265,10 +315,18 @@ async fn replay(proxy: &zbus::Proxy<'_>, out: &Out, mut after: u64) -> Result<()
                     .next_back();
                 match first {
                     Some(first) if first > after + 1 => {
-                        out.send(Event::Trimmed { after, first, message })?;
+                        out.send(Event::Trimmed {
+                            after,
+                            first,
+                            message,
+                        })?;
                         return Ok(());
                     }
-                    _ => return Err(SessionEnd::Error(format!("FactsSince({after}): trimmed: {message}"))),
+                    _ => {
+                        return Err(SessionEnd::Error(format!(
+                            "FactsSince({after}): trimmed: {message}"
+                        )))
+                    }
                 }
             }
             Err(e) => return Err(e.into()),
@@ -279,11 +337,34 @@ async fn replay(proxy: &zbus::Proxy<'_>, out: &Out, mut after: u64) -> Result<()
             return Ok(());
         };
         if last <= after {
-            return Err(SessionEnd::Error(format!("FactsSince({after}) went backwards (last seq {last})")));
+            return Err(SessionEnd::Error(format!(
+                "FactsSince({after}) went backwards (last seq {last})"
+            )));
         }
         after = last;
-        let facts = facts.into_iter().map(|(seq, kind, json)| WireFact { seq, kind, json }).collect();
-        out.send(Event::Facts { facts, replay: true })?;
+        // Flow control; give up (the main thread asks again) if the cursor
+        // stops moving, e.g. after it dropped its buffer on a failed write.
+        let mut seen = out.committed.load(Ordering::Relaxed);
+        let mut since = tokio::time::Instant::now();
+        while after.saturating_sub(out.committed.load(Ordering::Relaxed)) > REPLAY_AHEAD {
+            let now = out.committed.load(Ordering::Relaxed);
+            if now != seen {
+                seen = now;
+                since = tokio::time::Instant::now();
+            } else if since.elapsed() > Duration::from_secs(5) {
+                out.send(Event::ReplayDone { last_seq: None })?;
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let facts = facts
+            .into_iter()
+            .map(|(seq, kind, json)| WireFact { seq, kind, json })
+            .collect();
+        out.send(Event::Facts {
+            facts,
+            replay: true,
+        })?;
     }
 }
 
@@ -295,6 +376,9 @@ mod tests {
             super::normalize_address("unix:path=/tmp/b,guid=0123abcd"),
             "unix:path=/tmp/b"
         );
-        assert_eq!(super::normalize_address("unix:abstract=x"), "unix:abstract=x");
+        assert_eq!(
+            super::normalize_address("unix:abstract=x"),
+            "unix:abstract=x"
+        );
     }
 }

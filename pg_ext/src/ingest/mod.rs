@@ -19,17 +19,22 @@
 mod bus;
 pub mod store;
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 use std::collections::BTreeMap;
 use std::ffi::CString;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::TryRecvError;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use store::WireFact;
 
 pub static BUS_ADDRESS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
 /// Facts written per transaction at most (a replay page).
 const MAX_BATCH: usize = 10_000;
@@ -112,7 +117,8 @@ pub extern "C-unwind" fn liminal_ingest_main(_arg: pg_sys::Datum) {
     }
 
     let waker = bus::Waker::for_my_latch();
-    let (events, commands) = match bus::spawn(address, waker) {
+    let committed = Arc::new(AtomicU64::new(0));
+    let (events, commands) = match bus::spawn(address, waker, committed.clone()) {
         Ok(ch) => ch,
         Err(e) => {
             // Exit with an error: the postmaster restarts the worker.
@@ -128,20 +134,29 @@ pub extern "C-unwind" fn liminal_ingest_main(_arg: pg_sys::Datum) {
     while BackgroundWorker::wait_latch(Some(POLL)) {
         loop {
             match events.try_recv() {
-                Ok(ev) => handle_event(&mut st, ev, &send),
+                Ok(ev) => {
+                    handle_event(&mut st, ev, &send);
+                    committed.store(st.cursor, Ordering::Relaxed);
+                }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     pgrx::error!("liminal ingest: the bus thread stopped");
                 }
             }
         }
-        let Some(source) = st.source.clone() else { continue };
+        let Some(source) = st.source.clone() else {
+            continue;
+        };
         if !st.connected {
             continue;
         }
         // Write what is contiguous after the cursor, a page at a time.
         loop {
-            while st.buffer.first_key_value().is_some_and(|(s, _)| *s <= st.cursor) {
+            while st
+                .buffer
+                .first_key_value()
+                .is_some_and(|(s, _)| *s <= st.cursor)
+            {
                 st.buffer.pop_first();
             }
             let mut batch: Vec<WireFact> = Vec::new();
@@ -160,32 +175,31 @@ pub extern "C-unwind" fn liminal_ingest_main(_arg: pg_sys::Datum) {
             }
             let daemon = st.daemon_last_seq;
             let src = source.clone();
-            let out = BackgroundWorker::transaction(move || store::write_batch(&src, &batch, daemon));
-            match out {
-                Ok(o) => {
-                    if o.rejected > 0 {
-                        warning!(
-                            "liminal ingest: {} malformed fact(s) up to seq {} kept in liminal.ingest_errors",
-                            o.rejected,
-                            o.last_seq
-                        );
-                    }
-                    st.cursor = o.last_seq;
-                    send(bus::Command::Ack(o.last_seq));
+            // An error here raises a PostgreSQL ERROR: the transaction aborts
+            // (no fact without its cursor), the worker exits and the
+            // postmaster restarts it, resuming from the committed cursor.
+            let o = BackgroundWorker::transaction(move || {
+                match store::write_batch(&src, &batch, daemon) {
+                    Ok(o) => o,
+                    Err(e) => pgrx::error!("liminal ingest: writing a batch failed: {e}"),
                 }
-                Err(e) => {
-                    // The transaction committed nothing of the batch: reload
-                    // the cursor and fetch again.
-                    warning!("liminal ingest: writing a batch failed: {e}");
-                    st.cursor = BackgroundWorker::transaction(|| store::cursor_for_update(&source)).unwrap_or(st.cursor);
-                    st.buffer.clear();
-                    request_replay(&mut st, &send);
-                    break;
-                }
+            });
+            if o.rejected > 0 {
+                warning!(
+                    "liminal ingest: {} malformed fact(s) up to seq {} kept in liminal.ingest_errors",
+                    o.rejected,
+                    o.last_seq
+                );
             }
+            st.cursor = o.last_seq;
+            committed.store(st.cursor, Ordering::Relaxed);
+            send(bus::Command::Ack(o.last_seq));
         }
         // A hole in front of buffered facts, or time for the idle poll.
-        let hole = st.buffer.first_key_value().is_some_and(|(s, _)| *s > st.cursor + 1);
+        let hole = st
+            .buffer
+            .first_key_value()
+            .is_some_and(|(s, _)| *s > st.cursor + 1);
         let idle = st.last_poll.is_none_or(|t| t.elapsed() >= POLL);
         if hole || idle {
             request_replay(&mut st, &send);
@@ -248,15 +262,29 @@ fn handle_event(st: &mut State, ev: bus::Event, send: &impl Fn(bus::Command)) {
                 request_replay(st, send);
             }
         }
-        bus::Event::Trimmed { after, first, message } => {
+        bus::Event::Trimmed {
+            after,
+            first,
+            message,
+        } => {
             // The facts in between are gone from the spool: record the loss
             // loudly and move on rather than stall forever.
             st.replay_pending = false;
             if let Some(source) = st.source.clone() {
-                let reason = format!("facts {}..{} were trimmed from the spool before ingest: {message}", after + 1, first - 1);
+                let reason = format!(
+                    "facts {}..{} were trimmed from the spool before ingest: {message}",
+                    after + 1,
+                    first - 1
+                );
                 warning!("liminal ingest: {reason}");
-                let gap = WireFact { seq: after + 1, kind: "trimmed".into(), json: "{}".into() };
-                let r = BackgroundWorker::transaction(move || store::record_gap(&source, &gap, first - 1, &reason));
+                let gap = WireFact {
+                    seq: after + 1,
+                    kind: "trimmed".into(),
+                    json: "{}".into(),
+                };
+                let r = BackgroundWorker::transaction(move || {
+                    store::record_gap(&source, &gap, first - 1, &reason)
+                });
                 match r {
                     Ok(()) => st.cursor = first - 1,
                     Err(e) => warning!("liminal ingest: recording a trimmed range failed: {e}"),
@@ -272,7 +300,9 @@ fn handle_event(st: &mut State, ev: bus::Event, send: &impl Fn(bus::Command)) {
             st.replay_pending = false;
             st.buffer.clear();
             let src = st.source.clone().unwrap_or_else(|| "bus".into());
-            let _ = BackgroundWorker::transaction(move || store::set_state(&src, false, Some(&error), None));
+            let _ = BackgroundWorker::transaction(move || {
+                store::set_state(&src, false, Some(&error), None)
+            });
         }
     }
 }

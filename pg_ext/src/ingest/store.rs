@@ -73,11 +73,31 @@ fn big(field: &'static str, v: u64) -> Result<i64, DecodeError> {
 /// The table, entity key column and valid time of a fact.
 fn placement(b: &FactBody) -> (&'static str, &'static str, String, Timestamp) {
     match b {
-        FactBody::Run(f) => ("liminal.run_versions", "run_id", f.run_id.to_string(), f.valid_at),
-        FactBody::TestResult(f) => ("liminal.test_result_versions", "id", f.id.to_string(), f.valid_at),
+        FactBody::Run(f) => (
+            "liminal.run_versions",
+            "run_id",
+            f.run_id.to_string(),
+            f.valid_at,
+        ),
+        FactBody::TestResult(f) => (
+            "liminal.test_result_versions",
+            "id",
+            f.id.to_string(),
+            f.valid_at,
+        ),
         FactBody::Signal(f) => ("liminal.signal_versions", "id", f.id.to_string(), f.at),
-        FactBody::Artifact(f) => ("liminal.artifact_versions", "id", f.id.to_string(), f.valid_at),
-        FactBody::ReproVerdict(f) => ("liminal.repro_verdict_versions", "run_id", f.run_id.to_string(), f.valid_at),
+        FactBody::Artifact(f) => (
+            "liminal.artifact_versions",
+            "id",
+            f.id.to_string(),
+            f.valid_at,
+        ),
+        FactBody::ReproVerdict(f) => (
+            "liminal.repro_verdict_versions",
+            "run_id",
+            f.run_id.to_string(),
+            f.valid_at,
+        ),
     }
 }
 
@@ -217,13 +237,19 @@ struct Columns {
 }
 
 impl Columns {
-    fn push(&mut self, seq: u64, b: &FactBody, valid_to: TimestampWithTimeZone) -> Result<(), DecodeError> {
+    fn push(
+        &mut self,
+        seq: u64,
+        b: &FactBody,
+        valid_to: TimestampWithTimeZone,
+    ) -> Result<(), DecodeError> {
         let seq = big("seq", seq)?;
         match b {
             FactBody::Run(f) => {
                 let c = &mut self.runs;
                 c.started_at.push(ts("started_at", f.started_at)?);
-                c.finished_at.push(f.finished_at.map(|t| ts("finished_at", t)).transpose()?);
+                c.finished_at
+                    .push(f.finished_at.map(|t| ts("finished_at", t)).transpose()?);
                 c.valid_from.push(ts("valid_at", f.valid_at)?);
                 c.fact_id.push(f.fact_id.to_string());
                 c.run_id.push(f.run_id.to_string());
@@ -257,11 +283,14 @@ impl Columns {
                 c.fact_id.push(f.fact_id.to_string());
                 c.id.push(f.id.to_string());
                 c.run_id.push(f.run_id.to_string());
-                c.test_result_id.push(f.test_result_id.map(|u| u.to_string()));
+                c.test_result_id
+                    .push(f.test_result_id.map(|u| u.to_string()));
                 c.kind.push(f.kind.as_str().to_owned());
                 c.name.push(f.name.clone());
                 c.value.push(f.value.to_string());
-                c.attrs.push(serde_json::Value::Object(f.attrs.clone().into_iter().collect()).to_string());
+                c.attrs.push(
+                    serde_json::Value::Object(f.attrs.clone().into_iter().collect()).to_string(),
+                );
                 c.valid_to.push(valid_to);
                 c.seq.push(seq);
             }
@@ -280,17 +309,22 @@ impl Columns {
             FactBody::ReproVerdict(f) => {
                 let c = &mut self.verdicts;
                 c.valid_from.push(ts("valid_at", f.valid_at)?);
-                c.artifacts_compared.push(i32::try_from(f.artifacts_compared).map_err(|_| DecodeError::Range {
-                    field: "artifacts_compared",
-                    value: u64::from(f.artifacts_compared),
-                })?);
+                c.artifacts_compared
+                    .push(
+                        i32::try_from(f.artifacts_compared).map_err(|_| DecodeError::Range {
+                            field: "artifacts_compared",
+                            value: u64::from(f.artifacts_compared),
+                        })?,
+                    );
                 c.fact_id.push(f.fact_id.to_string());
                 c.run_id.push(f.run_id.to_string());
                 c.input_digest.push(f.input_digest.clone());
                 c.reproducible.push(f.reproducible);
-                c.variations.push(serde_json::Value::from(f.variations.clone()).to_string());
+                c.variations
+                    .push(serde_json::Value::from(f.variations.clone()).to_string());
                 c.differing.push(
-                    serde_json::to_string(&f.differing).map_err(|_| DecodeError::Nul { field: "differing" })?,
+                    serde_json::to_string(&f.differing)
+                        .map_err(|_| DecodeError::Nul { field: "differing" })?,
                 );
                 c.culprit.push(f.culprit.clone());
                 c.valid_to.push(valid_to);
@@ -405,7 +439,9 @@ fn infinity() -> TimestampWithTimeZone {
 
 /// Run `f` in a subtransaction; a PostgreSQL error inside rolls back only
 /// the subtransaction and comes back as `Err(message)`.
-pub fn in_subtransaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe) -> Result<R, String> {
+pub fn in_subtransaction<R>(
+    f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
+) -> Result<R, String> {
     // SAFETY: we are inside a transaction on the backend's main thread; the
     // memory context and resource owner are restored on both paths, as
     // PL/pgSQL does for its exception blocks.
@@ -424,13 +460,14 @@ pub fn in_subtransaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std
         .catch_others(move |e| {
             pg_sys::MemoryContextSwitchTo(ctx);
             let msg = match &e {
-                pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
-                    match r.detail() {
-                        Some(d) => format!("{}: {}", r.message(), d),
-                        None => r.message().to_owned(),
-                    }
+                pg_sys::panic::CaughtError::PostgresError(r)
+                | pg_sys::panic::CaughtError::ErrorReport(r) => match r.detail() {
+                    Some(d) => format!("{}: {}", r.message(), d),
+                    None => r.message().to_owned(),
+                },
+                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
+                    ereport.message().to_owned()
                 }
-                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ereport.message().to_owned(),
             };
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
             pg_sys::MemoryContextSwitchTo(ctx);
@@ -443,7 +480,12 @@ pub fn in_subtransaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std
 
 /// Store one fact through `_make_room` (progressions, corrections, repeats).
 /// Returns false when the fact was already stored (same fact_id).
-fn apply_one(client: &mut SpiClient<'_>, source: &str, seq: u64, b: &FactBody) -> Result<bool, String> {
+fn apply_one(
+    client: &mut SpiClient<'_>,
+    source: &str,
+    seq: u64,
+    b: &FactBody,
+) -> Result<bool, String> {
     let (table, key_col, key, valid_at) = placement(b);
     let fid = fact_id(b);
     let exists = client
@@ -477,20 +519,32 @@ fn apply_one(client: &mut SpiClient<'_>, source: &str, seq: u64, b: &FactBody) -
 }
 
 /// The fast path for a batch of decoded facts (see the module doc).
-fn apply_all(client: &mut SpiClient<'_>, source: &str, facts: &[(u64, FactBody)]) -> Result<usize, String> {
+fn apply_all(
+    client: &mut SpiClient<'_>,
+    source: &str,
+    facts: &[(u64, FactBody)],
+) -> Result<usize, String> {
     // Entities already stored, per table.
     let mut keys: HashMap<&'static str, (&'static str, Vec<String>)> = HashMap::new();
     let mut seen: HashMap<(&'static str, String), usize> = HashMap::new();
     for (_, b) in facts {
         let (table, key_col, key, _) = placement(b);
         *seen.entry((table, key.clone())).or_default() += 1;
-        keys.entry(table).or_insert((key_col, Vec::new())).1.push(key);
+        keys.entry(table)
+            .or_insert((key_col, Vec::new()))
+            .1
+            .push(key);
     }
     let mut existing: HashSet<(&'static str, String)> = HashSet::new();
     for (table, (key_col, ks)) in keys {
         let rows = client
             .select(
-                &format!("SELECT DISTINCT {key_col} FROM {table} WHERE {key_col} = ANY($1)"),
+                // Every stored entity has exactly one current row: the unique
+                // partial index answers this.
+                &format!(
+                    "SELECT {key_col} FROM {table} WHERE {key_col} = ANY($1) \
+                     AND tx_to = 'infinity' AND valid_to = 'infinity'"
+                ),
                 None,
                 &[ks.into()],
             )
@@ -521,7 +575,12 @@ fn apply_all(client: &mut SpiClient<'_>, source: &str, facts: &[(u64, FactBody)]
     Ok(stored)
 }
 
-fn record_error(client: &mut SpiClient<'_>, source: &str, f: &WireFact, reason: &str) -> Result<(), pgrx::spi::Error> {
+fn record_error(
+    client: &mut SpiClient<'_>,
+    source: &str,
+    f: &WireFact,
+    reason: &str,
+) -> Result<(), pgrx::spi::Error> {
     let seq = i64::try_from(f.seq).unwrap_or(i64::MAX);
     // PostgreSQL text cannot hold NUL; keep everything else verbatim.
     let clean = |s: &str| s.replace('\0', "\u{FFFD}");
@@ -560,9 +619,16 @@ pub fn cursor_for_update(source: &str) -> Result<u64, pgrx::spi::Error> {
 /// Write one batch (sorted by seq, contiguous from the cursor or not — facts
 /// at or below the committed cursor are skipped) with its cursor row. Must
 /// run inside a transaction.
-pub fn write_batch(source: &str, facts: &[WireFact], daemon_last_seq: Option<u64>) -> Result<BatchOutcome, String> {
+pub fn write_batch(
+    source: &str,
+    facts: &[WireFact],
+    daemon_last_seq: Option<u64>,
+) -> Result<BatchOutcome, String> {
     let cursor = cursor_for_update(source).map_err(|e| e.to_string())?;
-    let mut out = BatchOutcome { last_seq: cursor, ..Default::default() };
+    let mut out = BatchOutcome {
+        last_seq: cursor,
+        ..Default::default()
+    };
     let mut expected = cursor + 1;
     let mut todo: Vec<&WireFact> = Vec::with_capacity(facts.len());
     for f in facts {
@@ -588,21 +654,25 @@ pub fn write_batch(source: &str, facts: &[WireFact], daemon_last_seq: Option<u64
             Err(e) => bad.push((f, e.to_string())),
         }
     }
+    // An Err inside is raised as an ERROR so the subtransaction rolls back
+    // whole (nothing half-written survives into the retry).
     let fast = in_subtransaction(std::panic::AssertUnwindSafe(|| {
         Spi::connect_mut(|client| apply_all(client, source, &good))
+            .unwrap_or_else(|e| pgrx::error!("{e}"))
     }));
     match fast {
-        Ok(Ok(n)) => out.stored += n,
-        Ok(Err(_)) | Err(_) => {
+        Ok(n) => out.stored += n,
+        Err(_) => {
             // Something in the batch is refused: find it fact by fact.
             for (seq, b) in &good {
                 let r = in_subtransaction(std::panic::AssertUnwindSafe(|| {
                     Spi::connect_mut(|client| apply_one(client, source, *seq, b))
+                        .unwrap_or_else(|e| pgrx::error!("{e}"))
                 }));
                 match r {
-                    Ok(Ok(true)) => out.stored += 1,
-                    Ok(Ok(false)) => {}
-                    Ok(Err(e)) | Err(e) => {
+                    Ok(true) => out.stored += 1,
+                    Ok(false) => {}
+                    Err(e) => {
                         if let Some(f) = todo.iter().find(|f| f.seq == *seq) {
                             bad.push((f, e));
                         }
@@ -650,7 +720,12 @@ pub fn schema_ready() -> bool {
 }
 
 /// Record the worker's connection state for `liminal.ingest_status`.
-pub fn set_state(source: &str, connected: bool, error: Option<&str>, daemon_last_seq: Option<u64>) -> Result<(), pgrx::spi::Error> {
+pub fn set_state(
+    source: &str,
+    connected: bool,
+    error: Option<&str>,
+    daemon_last_seq: Option<u64>,
+) -> Result<(), pgrx::spi::Error> {
     let daemon = daemon_last_seq.map(|d| i64::try_from(d).unwrap_or(i64::MAX));
     Spi::connect_mut(|client| {
         client.update(

@@ -12,6 +12,14 @@ pgrx::extension_sql_file!(
     requires = ["liminal_schema", new_ulid]
 );
 
+// 0.2.0's changes, shared with the upgrade script so both paths agree.
+#[cfg(not(feature = "v0_1"))]
+pgrx::extension_sql_file!(
+    "../../sql/liminal--0.1.0--0.2.0.sql",
+    name = "liminal_v0_2_0",
+    requires = ["liminal_functions"]
+);
+
 /// A fresh ULID as text: fact ids for versions the database asserts itself
 /// (corrections).
 #[pg_extern(volatile, parallel_safe)]
@@ -20,16 +28,4 @@ fn new_ulid() -> String {
 }
 
 #[cfg(any(test, feature = "pg_test"))]
-#[pg_schema]
-mod tests {
-    use pgrx::prelude::*;
-
-    #[pg_test]
-    fn schema_views_exist() {
-        let n = Spi::get_one::<i64>(
-            "SELECT count(*) FROM pg_views WHERE schemaname = 'liminal' \
-             AND viewname IN ('runs','test_results','signals','artifacts','ingest_status')",
-        );
-        assert_eq!(n, Ok(Some(5)));
-    }
-}
+mod tests;

@@ -92,7 +92,8 @@ CREATE TABLE liminal.signal_versions (
 );
 CREATE UNIQUE INDEX signal_versions_current ON liminal.signal_versions (id)
     WHERE tx_to = 'infinity' AND valid_to = 'infinity';
-CREATE INDEX signal_versions_id ON liminal.signal_versions (id);
+-- No plain index on signal_versions(id): signals are the bulk of the rows
+-- and every stored signal has a current row, found through the index above.
 CREATE INDEX signal_versions_current_run_at ON liminal.signal_versions (run_id, at)
     WHERE tx_to = 'infinity' AND valid_to = 'infinity';
 CREATE INDEX signal_versions_current_test ON liminal.signal_versions (test_result_id)
@@ -282,10 +283,16 @@ DECLARE
     cover_to   timestamptz;
     next_from  timestamptz;
 BEGIN
-    -- The tx-current version whose valid range contains `at`.
+    -- The tx-current version whose valid range contains `at`: usually the
+    -- current row (through its unique partial index), else an older one.
     EXECUTE format('SELECT version_id, valid_from, valid_to FROM %s WHERE %I = $1 AND tx_to = ''infinity''
-                    AND valid_from <= $2 AND $2 < valid_to FOR UPDATE', tbl, key_col)
+                    AND valid_to = ''infinity'' AND valid_from <= $2 FOR UPDATE', tbl, key_col)
         INTO cover_id, cover_from, cover_to USING key, at;
+    IF cover_id IS NULL THEN
+        EXECUTE format('SELECT version_id, valid_from, valid_to FROM %s WHERE %I = $1 AND tx_to = ''infinity''
+                        AND valid_from <= $2 AND $2 < valid_to FOR UPDATE', tbl, key_col)
+            INTO cover_id, cover_from, cover_to USING key, at;
+    END IF;
     IF cover_id IS NULL THEN
         -- Earlier than anything known (or a new entity): valid until the
         -- first known version, or forever.
