@@ -870,8 +870,25 @@ fn spawn_and_pump(
                 let _ = kill(helper_pid, Signal::SIGKILL);
             }
         }
-        if readers.iter().all(|r| !r.open) && helper_status.is_some() {
-            break;
+        if readers.iter().all(|r| !r.open) {
+            if helper_status.is_some() {
+                break;
+            }
+            // Every pipe hit EOF, the helper's stderr and report included:
+            // it is exiting. Reap it without polling (a poll over no
+            // descriptors would just sleep).
+            match child.wait() {
+                Ok(st) => {
+                    helper_status = Some(st);
+                    break;
+                }
+                Err(source) => {
+                    return Err(EngineError::Helper {
+                        path: cfg.helper.clone(),
+                        source,
+                    })
+                }
+            }
         }
         if let Some(t) = exited_at {
             // Descendants that escaped the container's death cannot exist

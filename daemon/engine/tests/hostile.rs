@@ -808,3 +808,42 @@ fn own_memory_cgroup() -> String {
         })
         .unwrap_or_else(|| "/".into())
 }
+
+#[test]
+fn killed_helper_leaves_nothing_behind() {
+    let Some(c) = Case::new() else { return };
+    let marker = format!("{}", 2_000_000 + std::process::id());
+    let plan = c.plan(&format!(
+        "command = [\"/bin/sh\", \"-c\", \"sleep {marker} & sleep {marker}\"]\ntimeout = \"60s\"\n"
+    ));
+    let helper_path = helper();
+    let killer = std::thread::spawn(move || {
+        // Wait for the container's sleepers, then SIGKILL the helper.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if processes_with(&format!("sleep {marker}")).len() >= 2 {
+                for pid in processes_with(&helper_path.to_string_lossy()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    });
+    let started = Instant::now();
+    let r = c.run_plan(plan, BTreeMap::new(), &CancelHandle::new());
+    assert!(killer.join().unwrap(), "the container never started");
+    r.assert_status(RunStatus::Error);
+    let reason = r.outcome.reason.clone().unwrap_or_default();
+    assert!(reason.contains("helper died"), "{reason}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let marker = format!("{}", 2_000_000 + std::process::id());
+    assert!(
+        processes_with(&format!("sleep {marker}")).is_empty(),
+        "sleepers survived the helper"
+    );
+}
