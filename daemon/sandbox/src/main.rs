@@ -30,12 +30,12 @@ use nix::unistd::Pid;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 fn main() {
     // Diagnostics go to our own stderr; the engine logs them.
-    let _ = tracing_subscriber::fmt()
+    tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LIMINAL_SANDBOX_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,libcgroups=error")),
@@ -415,14 +415,9 @@ fn set_lo_up() -> Result<()> {
     Ok(())
 }
 
-#[allow(dead_code)]
-fn exists(p: &Path) -> bool {
-    p.symlink_metadata().is_ok()
-}
-
 /// `liminal-sandbox --bench-loop N < job.json`: the raw helper loop for
-/// `benches/sandbox-latency`: setup once, then N times create + start + wait
-/// + delete in this process; one JSON line of timings per run on stdout.
+/// `benches/sandbox-latency`: setup once, then N times create, start, wait
+/// and delete in this process; one JSON line of timings per run on stdout.
 /// The job's report fd is not used.
 fn bench_loop(job: &Job, n: usize) -> Result<()> {
     let sigfd = setup(job)?;

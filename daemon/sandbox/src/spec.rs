@@ -1,7 +1,7 @@
 //! The OCI runtime spec for a job: the project's defaults (`oci/runtime/`)
 //! plus the job's parts; the root filesystem view; the landlock ruleset.
 
-use crate::job::{Job, Network};
+use crate::job::Job;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -211,9 +211,8 @@ pub fn build(job: &Job, staged: &Staged) -> Result<Value> {
             "boottime": { "secs": -boot, "nanosecs": 0 },
         });
     }
-    // Both modes get a fresh network namespace (already in the base list);
+    // Both network modes get a fresh network namespace (in the base list);
     // `loopback` only differs in `lo` being brought up by the helper.
-    let _ = Network::None;
     Ok(c)
 }
 
