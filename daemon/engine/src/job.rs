@@ -204,7 +204,11 @@ pub fn missing_cgroup_parents(cgroup_path: &str) -> Vec<PathBuf> {
 }
 
 /// Removes these folders if they are empty cgroups (deepest listed first);
-/// a concurrent run still using one keeps it.
+/// a concurrent run still using one keeps it. Known race: a run whose
+/// libcgroups is between creating a shared parent and its own leaf can see
+/// the parent vanish and fail to start (an `error` run, nothing leaked).
+/// Setting `EngineConfig::cgroup_parent` to a folder that exists in every
+/// hierarchy avoids creating parents at all.
 pub fn remove_empty_dirs(dirs: &[PathBuf]) {
     for d in dirs {
         let _ = std::fs::remove_dir(d);
