@@ -247,13 +247,14 @@ impl Shared {
                 _ => false,
             }
         };
-        self.queued.fetch_sub(1, Ordering::SeqCst);
         if !go {
-            // Cancelled while queued: CancelRun already spooled the fact.
+            // Cancelled while queued: CancelRun already spooled the fact and
+            // gave back the queue slot.
             lock(&self.jobs).remove(&run_id);
             self.finished_one().await;
             return;
         }
+        self.queued.fetch_sub(1, Ordering::SeqCst);
         self.active.fetch_add(1, Ordering::SeqCst);
         self.status_changed().await;
         tracing::info!("run starting");
@@ -323,6 +324,8 @@ impl Shared {
                     job.cancel.cancel();
                     if job.phase == Phase::Queued {
                         job.phase = Phase::Done;
+                        // The slot frees now, not when the waiting task wakes.
+                        self.queued.fetch_sub(1, Ordering::SeqCst);
                         self.with_run(run_id, |r| {
                             FactBody::Run(r.run_fact(RunStatus::Cancelled, Some(reason.to_owned())))
                         })
@@ -341,6 +344,8 @@ impl Shared {
         };
         if let Some(fact) = queued_fact {
             self.send_fact(fact).await;
+            self.status_changed().await;
+            self.idle.notify_waiters();
         }
         Ok(true)
     }

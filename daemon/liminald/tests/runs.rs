@@ -267,3 +267,37 @@ fn kill9_during_runs_marks_interrupted_and_leaves_nothing() {
         "before {n_before}, after {n_after}"
     );
 }
+
+#[test]
+fn sigterm_cancels_or_finishes_running_runs_then_exits_0() {
+    if !require_runtime() {
+        return;
+    }
+    let rootfs = busybox_rootfs();
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let sdir = state.path().join("s");
+    // --on-stop cancel: the run is cancelled, the daemon exits 0 promptly.
+    let mut d = Daemon::start(&bus, &sdir, &["--on-stop", "cancel"], &[]);
+    let (_p, slow) = plan(&rootfs, "slow", "sleep 60");
+    let slow_id = start_busctl(&bus, &slow);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !call(&bus, "ListRuns", &[]).1.contains("\"running\"") {
+        assert!(Instant::now() < deadline, "never running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t0 = Instant::now();
+    let st = d.term();
+    assert!(st.success(), "{st:?}\n{}", d.log_text());
+    assert!(t0.elapsed() < Duration::from_secs(15));
+    // --on-stop finish: a short run completes during the stop.
+    let mut d2 = Daemon::start(&bus, &sdir, &["--on-stop", "finish"], &[]);
+    assert_eq!(wait_final(&bus, &slow_id)["status"], "cancelled");
+    let (_p2, short) = plan(&rootfs, "short", "sleep 1; true");
+    let short_id = start_busctl(&bus, &short);
+    std::thread::sleep(Duration::from_millis(300));
+    let st = d2.term();
+    assert!(st.success(), "{st:?}\n{}", d2.log_text());
+    let _d3 = Daemon::start(&bus, &sdir, &[], &[]);
+    assert_eq!(wait_final(&bus, &short_id)["status"], "passed");
+}
