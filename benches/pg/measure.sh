@@ -32,15 +32,24 @@ query() {
     sed -e "s/:'from'/'$FROM'/g" -e "s/:'to'/'$TO'/g" -e "s/:'test'/'$ONE'/g" "$HERE/$1" \
         | sed -e 's/--.*$//' | tr '\n' ' ' | sed -e 's/;[[:space:]]*$//'
 }
+# BENCH_ONLY_PLAIN=1 times only the plain SQL (no functions needed, e.g.
+# before the extension is attached); timings already recorded are kept and
+# not repeated.
+done_before() {
+    [ "$("${PSQL[@]}" -At -c "SELECT count(*) FROM bench.timings WHERE what = '$1' AND impl = '$2'")" != 0 ]
+}
 time_it() { # what impl reps query
     past_deadline && { log "skipped $1/$2: past $DEADLINE"; return 0; }
+    [ -n "${BENCH_ONLY_PLAIN:-}" ] && [ "$2" = function ] && return 0
+    done_before "$1" "$2" && { log "kept earlier timings of $1 / $2"; return 0; }
     log "timing $1 / $2"
     "${PSQL[@]}" -c "CALL bench.time_it('$1', '$2', \$q\$$4\$q\$, $3)" || log "failed: $1 / $2"
 }
 
 time_it stability_all function 3 "SELECT * FROM liminal.test_stability('30 days')"
 time_it stability_all plain_sql 2 "$(query baseline_stability.sql)"
-time_it stability_one function 5 "SELECT liminal.test_stability_score('$ONE', '30 days')"
+# The WHERE forces the call (an unused STABLE result would be optimized away).
+time_it stability_one function 5 "SELECT s FROM (SELECT liminal.test_stability_score('$ONE', '30 days') AS s) x WHERE s IS NOT NULL"
 time_it stability_one plain_sql 3 "$(query baseline_stability_one.sql)"
 time_it resonance_map_30d function 3 "SELECT * FROM liminal.resonance_map('$FROM', '$TO', '1 hour')"
 time_it resonance_map_30d plain_sql 2 "$(query baseline_resonance_map.sql)"
@@ -48,17 +57,21 @@ time_it resonance_pairs_30d function 3 "SELECT * FROM liminal.resonance_pairs('$
 time_it resonance_pairs_30d plain_sql 1 "$(query baseline_resonance_pairs.sql)"
 
 # causality_walk: 50 failures of correlated and flaky tests in counted runs
-# (function), the first 5 of them for the recursive CTE (30 s timeout each).
+# (function), the first 3 of them for the recursive CTE (20 s timeout each;
+# a timed-out call is recorded with rows = -1).
 if ! past_deadline; then
     log "timing causality"
+    WALK_FN=$([ -n "${BENCH_ONLY_PLAIN:-}" ] || done_before causality_walk function || echo yes)
+    WALK_SQL=$(done_before causality_walk plain_sql || echo yes)
     "${PSQL[@]}" <<EOF
-CREATE TABLE bench.failures AS
+CREATE TABLE IF NOT EXISTS bench.failures AS
 SELECT t.id FROM liminal.test_results t JOIN liminal.runs r ON r.id = t.run_id
 WHERE t.status IN ('failed', 'error') AND t.started_at >= '$FROM'
   AND r.status <> 'error' AND right(r.id, 2) <> '33'
   AND (t.test_name LIKE '%::test_%50_' OR t.test_name LIKE '%::test_%0_' )
 ORDER BY hashtext(t.id) LIMIT 50;
 DO \$\$ DECLARE f record; t0 timestamptz; n bigint; k int := 0; BEGIN
+  IF '$WALK_FN' <> 'yes' THEN RETURN; END IF;
   FOR f IN SELECT id FROM bench.failures LOOP
     t0 := clock_timestamp();
     SELECT count(*) INTO n FROM liminal.causality_walk(f.id);
@@ -66,11 +79,15 @@ DO \$\$ DECLARE f record; t0 timestamptz; n bigint; k int := 0; BEGIN
     k := k + 1;
   END LOOP;
 END \$\$;
-SET statement_timeout = '30s';
+SET statement_timeout = '20s';
 DO \$\$ DECLARE f record; t0 timestamptz; n bigint; k int := 0; BEGIN
-  FOR f IN SELECT id FROM bench.failures LIMIT 5 LOOP
+  IF '$WALK_SQL' <> 'yes' THEN RETURN; END IF;
+  FOR f IN SELECT id FROM bench.failures LIMIT 3 LOOP
     t0 := clock_timestamp();
-    SELECT count(*) INTO n FROM bench.causality_sql(f.id);
+    BEGIN
+      SELECT count(*) INTO n FROM bench.causality_sql(f.id);
+    EXCEPTION WHEN query_canceled THEN n := -1;  -- timed out: rows = -1, ms >= 20000
+    END;
     INSERT INTO bench.timings VALUES ('causality_walk', 'plain_sql', k, extract(epoch FROM clock_timestamp() - t0) * 1000, n);
     k := k + 1;
   END LOOP;
@@ -79,7 +96,7 @@ EOF
 fi
 
 # Same answers? Each side computed once more into a table, then compared.
-if ! past_deadline; then
+if ! past_deadline && [ -z "${BENCH_ONLY_PLAIN:-}" ]; then
 "${PSQL[@]}" -At <<EOF | tee -a "$OUT"
 SET statement_timeout = '120s';
 CREATE TEMP TABLE fs AS SELECT * FROM liminal.test_stability('30 days');
@@ -96,7 +113,6 @@ SELECT 'check map: rows function ' || (SELECT count(*) FROM fm) || ', plain ' ||
 SELECT 'check pairs: rows function ' || (SELECT count(*) FROM liminal.resonance_pairs('$FROM', '$TO'))
     || ', top ' || (SELECT test_a || ' ' || test_b || ' both ' || both_failed || ' lift ' || round(lift::numeric, 3) || ' phi ' || round(phi::numeric, 3) FROM liminal.resonance_pairs('$FROM', '$TO') LIMIT 1);
 SELECT 'check causality: top cause of ' || f.id || ' = ' || (SELECT kind || '/' || name || ' depth ' || depth || ' weight ' || round(weight::numeric, 3) FROM liminal.causality_walk(f.id) LIMIT 1)
-    || ' | plain: ' || coalesce((SELECT kind || '/' || name || ' depth ' || depth || ' weight ' || round(weight::numeric, 3) FROM bench.causality_sql(f.id) LIMIT 1), '?')
 FROM (SELECT id FROM bench.failures LIMIT 2) f;
 EOF
 fi
