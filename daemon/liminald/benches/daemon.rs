@@ -77,7 +77,17 @@ fn main() {
     rt.block_on(async {
         let conn = client(&bus).await;
         let proxy = zbus::Proxy::new(&conn, NAME, PATH, IFACE).await.unwrap();
-        let mut sig = proxy.receive_signal("FactsAppended").await.unwrap();
+        // Drain signals on their own task: an unread zbus stream fills up
+        // and then blocks the connection, method replies included.
+        let mut stream = proxy.receive_signal("FactsAppended").await.unwrap();
+        let (sig_tx, mut sig) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(msg) = stream.next().await {
+                if sig_tx.send(msg).is_err() {
+                    break;
+                }
+            }
+        });
 
         // 2. queued trivial runs
         let plan_text = format!(
@@ -93,10 +103,10 @@ fn main() {
         let mut statuses: HashMap<String, usize> = HashMap::new();
         let mut facts = 0usize;
         while !pending.is_empty() {
-            let msg = tokio::time::timeout(Duration::from_secs(120), sig.next())
+            let msg = tokio::time::timeout(Duration::from_secs(120), sig.recv())
                 .await
                 .expect("runs stalled")
-                .unwrap();
+                .expect("signal stream ended");
             let (batch,): (Vec<(u64, String, String)>,) = msg.body().deserialize().unwrap();
             facts += batch.len();
             for (_, kind, json) in batch {
@@ -132,10 +142,10 @@ fn main() {
         let mut signals = 0usize;
         let mut first: Option<Instant> = None;
         'outer: loop {
-            let msg = tokio::time::timeout(Duration::from_secs(120), sig.next())
+            let msg = tokio::time::timeout(Duration::from_secs(120), sig.recv())
                 .await
                 .expect("facts stalled")
-                .unwrap();
+                .expect("signal stream ended");
             let (batch,): (Vec<(u64, String, String)>,) = msg.body().deserialize().unwrap();
             signals += 1;
             first.get_or_insert_with(Instant::now);
