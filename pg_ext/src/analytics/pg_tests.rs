@@ -50,17 +50,17 @@ CROSS JOIN LATERAL (SELECT CASE
 -- Signals. The failure to explain: t.pair_a in run 11, ended at T = start + 1203.5 s.
 CREATE TEMP TABLE fx_t AS SELECT pg_temp.rstart(11) + interval '1203.5 s' AS t;
 INSERT INTO liminal.signal_versions (id, run_id, kind, name, at, attrs, valid_from)
-SELECT 'SG' || lpad((r * 10)::text, 24, '0'), pg_temp.rid(r), 'log', 'stdout', pg_temp.rstart(r) + interval '1193.5 s', '{}', pg_temp.rstart(r)
+SELECT 'SG' || lpad((r * 10)::text, 24, '0'), pg_temp.rid(r), 'log', 'stdout', pg_temp.rstart(r) + interval '1193.5 s', '{}'::jsonb, pg_temp.rstart(r)
 FROM generate_series(1, 12) r
 UNION ALL
-SELECT 'SG' || lpad((r * 10 + 1)::text, 24, '0'), pg_temp.rid(r), 'log', 'stderr', pg_temp.rstart(r) + interval '1173.5 s', '{}', pg_temp.rstart(r)
+SELECT 'SG' || lpad((r * 10 + 1)::text, 24, '0'), pg_temp.rid(r), 'log', 'stderr', pg_temp.rstart(r) + interval '1173.5 s', '{}'::jsonb, pg_temp.rstart(r)
 FROM generate_series(1, 12) r
-UNION ALL SELECT 'SGDISKFULL0000000000000000', pg_temp.rid(11), 'event', 'disk.full', t - interval '60 s', '{"device":"sda"}', t FROM fx_t
-UNION ALL SELECT 'SGIORETRY00000000000000000', pg_temp.rid(11), 'event', 'io.retry', t - interval '330 s', '{"device":"sda","cause":"deploy.start"}', t FROM fx_t
-UNION ALL SELECT 'SGDEPLOY000000000000000000', pg_temp.rid(11), 'event', 'deploy.start', t - interval '1000 s', '{}', t FROM fx_t
-UNION ALL SELECT 'SGOTHERRUN0000000000000000', pg_temp.rid(15), 'log', 'stderr', t - interval '30 s', '{}', t FROM fx_t
-UNION ALL SELECT 'SGOTHERHOST000000000000000', pg_temp.rid(16), 'event', 'elsewhere', t - interval '5 s', '{}', t FROM fx_t
-UNION ALL SELECT 'SGAFTER0000000000000000000', pg_temp.rid(11), 'event', 'after', t + interval '5 s', '{}', t FROM fx_t;
+UNION ALL SELECT 'SGDISKFULL0000000000000000', pg_temp.rid(11), 'event', 'disk.full', t - interval '60 s', '{"device":"sda"}'::jsonb, t FROM fx_t
+UNION ALL SELECT 'SGIORETRY00000000000000000', pg_temp.rid(11), 'event', 'io.retry', t - interval '330 s', '{"device":"sda","cause":"deploy.start"}'::jsonb, t FROM fx_t
+UNION ALL SELECT 'SGDEPLOY000000000000000000', pg_temp.rid(11), 'event', 'deploy.start', t - interval '1000 s', '{}'::jsonb, t FROM fx_t
+UNION ALL SELECT 'SGOTHERRUN0000000000000000', pg_temp.rid(15), 'log', 'stderr', t - interval '30 s', '{}'::jsonb, t FROM fx_t
+UNION ALL SELECT 'SGOTHERHOST000000000000000', pg_temp.rid(16), 'event', 'elsewhere', t - interval '5 s', '{}'::jsonb, t FROM fx_t
+UNION ALL SELECT 'SGAFTER0000000000000000000', pg_temp.rid(11), 'event', 'after', t + interval '5 s', '{}'::jsonb, t FROM fx_t;
 SET LOCAL liminal.infra_min_tests = 5;
 "#;
 
