@@ -5,7 +5,9 @@
 # Holding /work/pgrx.lock: installs the release build, copies liminal.so to
 # a private directory, creates the five analytics functions bound to that
 # copy (definitions taken from the installed extension script), runs
-# measure.sh, then drops the functions.
+# measure.sh, then drops the functions. The cluster must preload the library
+# (shared_preload_libraries = 'liminal', dynamic_library_path naming the
+# private directory first): the ingest GUCs can only be defined at startup.
 #   benches/pg/attach.sh SOCKET_DIR PORT DB OUT
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)

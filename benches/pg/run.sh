@@ -70,6 +70,11 @@ fsync = off
 synchronous_commit = off
 full_page_writes = off
 jit = off
+# The extension's _PG_init defines PGC_POSTMASTER settings: it must be
+# preloaded. Its ingest worker then waits in the (schema-less) postgres
+# database and retries the absent system bus: harmless here.
+shared_preload_libraries = 'liminal'
+liminal.database = 'postgres'
 EOF
 sudo -u postgres "$PGBIN/pg_ctl" -D "$DATA" -l "$DATA/log" -w start >/dev/null
 sudo -u postgres "$PGBIN/createdb" -h "$DATA" -p "$PORT" bench
