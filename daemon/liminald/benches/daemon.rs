@@ -8,6 +8,7 @@
 //!    FactsAppended, and the daemon's peak RSS (VmHWM);
 //! 3. FactsAppended throughput: one run printing LINES lines (each a log
 //!    signal fact), facts per second as a subscriber sees them.
+//!
 //! Env: BENCH_RUNS (200), BENCH_LINES (100000), BENCH_CONCURRENCY (2).
 
 #[path = "../tests/common/mod.rs"]
@@ -115,10 +116,10 @@ fn main() {
                 }
                 let v: serde_json::Value = serde_json::from_str(&json).unwrap();
                 let status = v["status"].as_str().unwrap_or("").to_owned();
-                if !matches!(status.as_str(), "queued" | "running") {
-                    if pending.remove(v["run_id"].as_str().unwrap_or("")) {
-                        *statuses.entry(status).or_default() += 1;
-                    }
+                if !matches!(status.as_str(), "queued" | "running")
+                    && pending.remove(v["run_id"].as_str().unwrap_or(""))
+                {
+                    *statuses.entry(status).or_default() += 1;
                 }
             }
         }

@@ -127,7 +127,8 @@ impl Shared {
     /// runtime when the channel is full.
     async fn send_fact(&self, fact: FactBody) {
         let tx = self.facts_tx.clone();
-        let _ = tokio::task::spawn_blocking(move || tx.send(SpoolMsg::Fact(fact, None))).await;
+        let _ =
+            tokio::task::spawn_blocking(move || tx.send(SpoolMsg::Fact(fact, None)).is_ok()).await;
     }
 
     /// Admits a parsed plan: queue slot, queued fact (durable), run object,
@@ -188,7 +189,7 @@ impl Shared {
         let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
         let tx = self.facts_tx.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            tx.send(SpoolMsg::Fact(queued_fact, Some(reply_tx)))
+            tx.send(SpoolMsg::Fact(queued_fact, Some(reply_tx))).is_ok()
         })
         .await;
         let admitted = match reply_rx.await {

@@ -241,9 +241,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let n_interrupted = interrupted.len();
     for fact in interrupted {
         let tx = facts_tx.clone();
-        tokio::task::spawn_blocking(move || tx.send(spooler::SpoolMsg::Fact(fact, None)))
-            .await?
-            .ok();
+        let _sent: bool = tokio::task::spawn_blocking(move || {
+            tx.send(spooler::SpoolMsg::Fact(fact, None)).is_ok()
+        })
+        .await?;
     }
     spooler::flush(&facts_tx).await;
     if n_interrupted > 0 {

@@ -25,6 +25,8 @@ pub struct Spooled {
 
 pub type Admit = oneshot::Sender<Result<u64, String>>;
 
+// Facts are nearly every message; boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 pub enum SpoolMsg {
     /// A fact; with `Some(reply)` it is refused (not retried) when the spool
     /// is full and the reply says so (admission of a new run).
