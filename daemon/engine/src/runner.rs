@@ -66,7 +66,7 @@ pub struct EngineConfig {
     pub helper: PathBuf,
     /// Recorded in run facts.
     pub host: String,
-    /// Cgroup under which each run gets `liminal-<run_id>`. Empty: this
+    /// Cgroup under which each run gets `<cgroup_prefix>-<run_id>`. Empty: this
     /// process's own cgroup (the memory controller's on cgroup v1, the
     /// unified one on v2), as PLATFORM-NOTES pitfall 3 asks.
     pub cgroup_parent: String,
@@ -220,13 +220,31 @@ fn own_cgroup() -> String {
     memory.or(unified).unwrap_or_else(|| "/".to_owned())
 }
 
-fn cgroup_path(cfg: &EngineConfig, run_id: Ulid) -> String {
-    let parent = if cfg.cgroup_parent.is_empty() {
+/// The name prefix of the run cgroups that belong to this engine's state dir:
+/// `liminal-<8 hex of BLAKE3(state dir)>-`. Several engines (two daemons, a
+/// daemon and `limctl run --local`, parallel tests) may share a parent
+/// cgroup; the orphan sweep must only ever touch its own runs.
+pub fn cgroup_prefix(cfg: &EngineConfig) -> String {
+    let dir = std::fs::canonicalize(&cfg.state_dir).unwrap_or_else(|_| cfg.state_dir.clone());
+    let tag = blake3::hash(dir.as_os_str().as_encoded_bytes()).to_hex();
+    format!("liminal-{}-", &tag[..8])
+}
+
+fn cgroup_parent(cfg: &EngineConfig) -> String {
+    if cfg.cgroup_parent.is_empty() {
         own_cgroup()
     } else {
         cfg.cgroup_parent.clone()
-    };
-    format!("{}/{}", parent.trim_end_matches('/'), container_id(run_id))
+    }
+}
+
+fn cgroup_path(cfg: &EngineConfig, run_id: Ulid) -> String {
+    format!(
+        "{}/{}{}",
+        cgroup_parent(cfg).trim_end_matches('/'),
+        cgroup_prefix(cfg),
+        run_id.to_string().to_ascii_lowercase()
+    )
 }
 
 /// The fixed determinism set plus the plan's variables (which win, except
@@ -1131,9 +1149,9 @@ fn emit_signal_line(
     sink(FactBody::Signal(fact));
 }
 
-/// Removes what runs of a crashed process left: cgroups named `liminal-*`
-/// under the cgroup parent, libcontainer state, run folders. Call it before
-/// starting runs (it assumes no run of this state dir is in progress).
+/// Removes what runs of a crashed process left: cgroups named with this state
+/// dir's [`cgroup_prefix`] under the cgroup parent, libcontainer state, run
+/// folders. Call it before starting runs (it assumes no run of this state dir is in progress).
 pub fn cleanup_orphans(cfg: &EngineConfig) -> Result<CleanupReport, EngineError> {
     let mut report = CleanupReport::default();
     let runs = cfg.state_dir.join("runs");
@@ -1160,17 +1178,14 @@ pub fn cleanup_orphans(cfg: &EngineConfig) -> Result<CleanupReport, EngineError>
         }
     }
     // Cgroups whose run folder is already gone.
-    let parent = if cfg.cgroup_parent.is_empty() {
-        own_cgroup()
-    } else {
-        cfg.cgroup_parent.clone()
-    };
+    let parent = cgroup_parent(cfg);
+    let prefix = cgroup_prefix(cfg);
     for h in job::cgroup_hierarchies() {
         let dir = h.join(parent.trim_start_matches('/'));
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with("liminal-") && e.path().is_dir() {
+                if name.starts_with(&prefix) && e.path().is_dir() {
                     let path = format!("{}/{}", parent.trim_end_matches('/'), name);
                     let errs = job::teardown_cgroup(&path);
                     if errs.is_empty() && !report.cgroups.contains(&path) {

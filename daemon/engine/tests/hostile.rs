@@ -772,8 +772,9 @@ fn crashed_helper_leftovers_are_cleaned_by_cleanup_orphans() {
     // cgroup with a live process in it.
     let cfg = c.config();
     let cgroup = format!(
-        "{}/liminal-orphan{}",
+        "{}/{}orphan{}",
         own_memory_cgroup(),
+        runner::cgroup_prefix(&cfg),
         std::process::id()
     );
     let dir = Path::new("/sys/fs/cgroup/pids").join(cgroup.trim_start_matches('/'));
