@@ -24,7 +24,7 @@ now_us() { date +%s%6N; }
 
 start_bus
 start_cluster
-psql_q "CREATE EXTENSION liminal"
+create_ext
 wait_worker >/dev/null
 
 echo "== throughput: $N facts (signals 8/9 of them, test results, runs), synchronous_commit=${SYNC_COMMIT:-on}"

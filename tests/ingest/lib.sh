@@ -53,12 +53,17 @@ stop_bus() {
 }
 
 start_cluster() {
+    if [ -n "${PRIVATE_SO:-}" ]; then
+        install -d -o postgres -g postgres "$T/lib"
+        install -m 0755 "$PRIVATE_SO" "$T/lib/liminal.so"
+    fi
     "${AS_PG[@]}" "$PG_BIN/initdb" -D "$PGDATA" --locale=C.UTF-8 -A trust >/dev/null
     cat >>"$PGDATA/postgresql.conf" <<CONF
 port = $PORT
 listen_addresses = ''
 unix_socket_directories = '$T'
 shared_preload_libraries = 'liminal'
+${PRIVATE_SO:+dynamic_library_path = '$T/lib:\$libdir'}
 liminal.bus_address = '$BUS_ADDR'
 liminal.database = 'postgres'
 restart_after_crash = on
@@ -125,4 +130,18 @@ spool_id() {
 check() { # check "what" ACTUAL EXPECTED
     if [ "$2" != "$3" ]; then echo "FAIL: $1: got $2, expected $3" >&2; exit 1; fi
     echo "ok: $1 ($2)"
+}
+
+# CREATE EXTENSION liminal, or, with PRIVATE_SO set (a freshly built
+# libliminal.so, used without installing it into the system PostgreSQL),
+# the schema from the source SQL files; new_ulid() is then a SQL stand-in.
+create_ext() {
+    if [ -z "${PRIVATE_SO:-}" ]; then psql_q "CREATE EXTENSION liminal"; return; fi
+    local src; src=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+    install -m 0644 "$src/pg_ext/src/schema/schema.sql" "$src/pg_ext/src/schema/functions.sql" \
+        "$src/sql/liminal--0.1.0--0.2.0.sql" "$T/"
+    psql_q "CREATE SCHEMA liminal; CREATE FUNCTION liminal.new_ulid() RETURNS text LANGUAGE sql AS \$\$ SELECT upper(substr(md5(random()::text), 1, 26)) \$\$"
+    for f in schema.sql functions.sql liminal--0.1.0--0.2.0.sql; do
+        "${AS_PG[@]}" "$PG_BIN/psql" -h "$T" -p "$PORT" -d postgres -Xq -v ON_ERROR_STOP=1 -f "$T/$f" >/dev/null
+    done
 }

@@ -206,6 +206,10 @@ pub extern "C-unwind" fn liminal_ingest_main(_arg: pg_sys::Datum) {
         }
     }
     log!("liminal ingest: stopping");
+    // Exit code 1, not 0: a worker that exits 0 is never restarted, and a
+    // pg_terminate_backend must not end ingest for good (at shutdown the
+    // postmaster does not restart anything anyway).
+    unsafe { pg_sys::proc_exit(1) }
 }
 
 fn request_replay(st: &mut State, send: &impl Fn(bus::Command)) {

@@ -6,6 +6,7 @@
 mod tests {
     use crate::ingest::store::{write_batch, WireFact};
     use liminal_facts::*;
+    use liminal_facts::Timestamp;
     use pgrx::prelude::*;
 
     const SRC: &str = "01TESTSP00LTESTSP00LTESTSP";
