@@ -43,9 +43,8 @@ psql_q "SELECT 'rows: ' || (SELECT count(*) FROM liminal.signal_versions) || ' s
         || (SELECT count(*) FROM liminal.run_versions) || ' run versions'"
 
 echo "== latency: $LAT_N facts at 5000 facts/s, FactsAppended of 50"
-"${AS_PG[@]}" "$PG_BIN/psql" -h "$T" -p "$PORT" -d postgres -XAtq -F ' ' \
-  -c "SELECT coalesce(max(last_seq), 0), (extract(epoch FROM clock_timestamp()) * 1e6)::bigint FROM liminal.ingest_cursor WHERE source <> '$SRC' \watch 0.002" \
-  >"$T/watch.log" 2>/dev/null &
+printf '%s\n\\watch 0.002\n' "SELECT coalesce(max(last_seq), 0), (extract(epoch FROM clock_timestamp()) * 1e6)::bigint FROM liminal.ingest_cursor WHERE source <> '$SRC'" \
+  | "${AS_PG[@]}" "$PG_BIN/psql" -h "$T" -p "$PORT" -d postgres -XAtq -F ' ' >"$T/watch.log" 2>/dev/null &
 WATCH_PID=$!
 start_emitter --seed 12 --count "$LAT_N" --rate 5000 --batch 50 --delay-ms 1500 --emit-log "$T/emit.log" --exit-when-acked
 wait "$EMITTER_PID" 2>/dev/null || true; EMITTER_PID=""
