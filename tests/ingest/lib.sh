@@ -48,7 +48,10 @@ start_bus() {
 
 stop_bus() {
     # sudo forwards the signal to dbus-daemon.
-    [ -n "$BUS_PID" ] && kill "$BUS_PID" 2>/dev/null && wait "$BUS_PID" 2>/dev/null || true
+    if [ -n "$BUS_PID" ]; then
+        kill $(pgrep -P "$BUS_PID") "$BUS_PID" 2>/dev/null || true
+        wait "$BUS_PID" 2>/dev/null || true
+    fi
     BUS_PID=""
 }
 
@@ -85,7 +88,11 @@ start_emitter() {
 }
 
 stop_emitter() {
-    [ -n "$EMITTER_PID" ] && kill -INT "$EMITTER_PID" 2>/dev/null && wait "$EMITTER_PID" 2>/dev/null || true
+    # Signal the emitter itself (sudo's child): sudo does not always relay.
+    if [ -n "$EMITTER_PID" ]; then
+        kill -INT $(pgrep -P "$EMITTER_PID") "$EMITTER_PID" 2>/dev/null || true
+        wait "$EMITTER_PID" 2>/dev/null || true
+    fi
     EMITTER_PID=""
 }
 
