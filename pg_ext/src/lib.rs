@@ -19,6 +19,7 @@ mod schema;
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     ingest::init();
+    analytics::init();
 }
 
 #[cfg(test)]
@@ -26,6 +27,8 @@ pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec![]
+        // Preloaded as in production, so the ingest worker is registered; it
+        // waits (there is no liminald on this cluster's bus) without harm.
+        vec!["shared_preload_libraries = 'liminal'"]
     }
 }

@@ -50,7 +50,10 @@ pub fn init() {
         c"D-Bus address of the bus liminald is on (empty: the system bus).",
         c"A ,guid= part is ignored, so the worker can reconnect to a restarted bus. Read when the ingest worker starts.",
         &BUS_ADDRESS,
-        GucContext::Postmaster,
+        // Sighup, not Postmaster: a Postmaster GUC cannot be defined after
+        // startup, which makes CREATE EXTENSION fail in a backend that loads
+        // the library without shared_preload_libraries.
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(
@@ -58,7 +61,7 @@ pub fn init() {
         c"Database the ingest worker writes into (where CREATE EXTENSION liminal ran).",
         c"Default postgres. Read when the ingest worker starts.",
         &DATABASE,
-        GucContext::Postmaster,
+        GucContext::Sighup,
         GucFlags::default(),
     );
     // SAFETY: reading a backend global on the main thread.

@@ -74,8 +74,13 @@ mod tests {
         Spi::get_one::<i64>(q).expect("query").unwrap_or(0)
     }
 
+    /// The first column of the first row; `None` for NULL or for no row at all.
     fn text(q: &str) -> Option<String> {
-        Spi::get_one::<String>(q).expect("query")
+        match Spi::get_one::<String>(q) {
+            Ok(v) => v,
+            Err(pgrx::spi::SpiError::InvalidPosition) => None,
+            Err(e) => panic!("query {q}: {e}"),
+        }
     }
 
     #[pg_test]
