@@ -361,6 +361,10 @@ mod tests {
     #[pg_test]
     fn database_error_in_one_fact_rolls_back_only_that_fact() {
         // A trigger stands in for any refusal PostgreSQL may raise mid-batch.
+        // pg_tests run concurrently: take the lock DROP TRIGGER needs first,
+        // so this DDL waits for other inserters instead of deadlocking with
+        // them (CREATE TRIGGER's weaker lock would be escalated later).
+        Spi::run("LOCK TABLE liminal.signal_versions IN ACCESS EXCLUSIVE MODE").unwrap();
         Spi::run(
             "CREATE FUNCTION pg_temp.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN IF NEW.value = '\"boom\"' THEN RAISE EXCEPTION 'refused by test trigger'; END IF; RETURN NEW; END $$;
