@@ -89,8 +89,10 @@ start_emitter() {
 
 stop_emitter() {
     # Signal the emitter itself (sudo's child): sudo does not always relay.
+    # TERM, not INT: a background job of a non-interactive shell ignores
+    # SIGINT, and the emitter inherits that through sudo.
     if [ -n "$EMITTER_PID" ]; then
-        kill -INT $(pgrep -P "$EMITTER_PID") "$EMITTER_PID" 2>/dev/null || true
+        kill -TERM $(pgrep -P "$EMITTER_PID") "$EMITTER_PID" 2>/dev/null || true
         wait "$EMITTER_PID" 2>/dev/null || true
     fi
     EMITTER_PID=""
