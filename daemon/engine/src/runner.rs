@@ -441,8 +441,20 @@ pub fn run(
     };
 
     // Test results, then artifacts, then the final run fact.
+    // Reports rarely say when each case ran (TAP never does), so a case is
+    // placed so that it ends when the command ended: the latest moment it
+    // can have happened. Every signal the run emitted thus precedes its
+    // failures, which is what causality_walk looks for.
+    let command_ended = Timestamp::now();
     let mut summaries = Vec::new();
     for t in &tests {
+        let duration_us = i64::try_from(t.duration_ms.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let case_started = Timestamp::from_unix_micros(
+            command_ended
+                .unix_micros()
+                .saturating_sub(duration_us)
+                .max(started_at.unix_micros()),
+        );
         summaries.push(TestSummary {
             name: t.name.clone(),
             status: t.status,
@@ -454,7 +466,7 @@ pub fn run(
             run_id,
             test_name: t.name.clone(),
             status: t.status,
-            started_at,
+            started_at: case_started,
             duration_ms: t.duration_ms,
             message: t
                 .message
