@@ -33,10 +33,11 @@ fn real_main() -> Result<(), String> {
     let helper = PathBuf::from(arg(&args, "--helper")?);
     let rootfs = arg(&args, "--rootfs")?;
     let state = PathBuf::from(arg(&args, "--state")?);
-    let runs: usize = arg(&args, "--runs")?.parse().map_err(|e| format!("--runs: {e}"))?;
-    let text = format!(
-        "[run]\nname = \"bench\"\nimage = \"{rootfs}\"\ncommand = [\"/bin/true\"]\n"
-    );
+    let runs: usize = arg(&args, "--runs")?
+        .parse()
+        .map_err(|e| format!("--runs: {e}"))?;
+    let text =
+        format!("[run]\nname = \"bench\"\nimage = \"{rootfs}\"\ncommand = [\"/bin/true\"]\n");
     let plan = Plan::parse(
         &text,
         &PlanSource {

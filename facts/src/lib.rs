@@ -100,7 +100,9 @@ pub const WIRE_SIGNATURE: &str = "(tss)";
 /// Errors decoding a fact from the wire.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
-    #[error("unknown fact kind {0:?} (expected run, test_result, signal, artifact or repro_verdict)")]
+    #[error(
+        "unknown fact kind {0:?} (expected run, test_result, signal, artifact or repro_verdict)"
+    )]
     UnknownKind(String),
     #[error("malformed {kind} fact: {source}")]
     Body {
@@ -369,7 +371,10 @@ mod tests {
         let fact = sample_signal();
         let (kind, json) = fact.to_wire();
         assert_eq!(kind, "signal");
-        assert!(!json.contains("\"kind\":\"signal\""), "kind travels beside the body");
+        assert!(
+            !json.contains("\"kind\":\"signal\""),
+            "kind travels beside the body"
+        );
         let back = FactBody::from_wire(kind, &json).unwrap();
         assert_eq!(back, fact);
     }
@@ -381,7 +386,13 @@ mod tests {
             Err(WireError::UnknownKind(k)) if k == "bogus"
         ));
         let err = FactBody::from_wire("run", "{\"run_id\": 3}").unwrap_err();
-        assert!(matches!(err, WireError::Body { kind: FactKind::Run, .. }));
+        assert!(matches!(
+            err,
+            WireError::Body {
+                kind: FactKind::Run,
+                ..
+            }
+        ));
         assert!(err.to_string().starts_with("malformed run fact"));
     }
 
@@ -389,6 +400,9 @@ mod tests {
     fn run_status_finality() {
         assert!(!RunStatus::Running.is_final());
         assert!(RunStatus::Timeout.is_final());
-        assert_eq!(serde_json::to_string(&RunStatus::Cancelled).unwrap(), "\"cancelled\"");
+        assert_eq!(
+            serde_json::to_string(&RunStatus::Cancelled).unwrap(),
+            "\"cancelled\""
+        );
     }
 }

@@ -44,10 +44,12 @@ impl Timestamp {
             reason: e.to_string(),
         })?;
         let us = dt.unix_timestamp_nanos() / 1_000;
-        i64::try_from(us).map(Timestamp).map_err(|_| TimestampError {
-            text: text.to_owned(),
-            reason: "out of range".into(),
-        })
+        i64::try_from(us)
+            .map(Timestamp)
+            .map_err(|_| TimestampError {
+                text: text.to_owned(),
+                reason: "out of range".into(),
+            })
     }
 
     pub fn to_rfc3339(self) -> String {
@@ -104,7 +106,12 @@ mod tests {
 
     #[test]
     fn pg_epoch_offset() {
-        assert_eq!(Timestamp::parse("2000-01-01T00:00:00Z").unwrap().pg_micros(), 0);
+        assert_eq!(
+            Timestamp::parse("2000-01-01T00:00:00Z")
+                .unwrap()
+                .pg_micros(),
+            0
+        );
     }
 
     #[test]

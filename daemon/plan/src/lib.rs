@@ -317,7 +317,10 @@ impl Cx<'_> {
             None => DEFAULT_TIMEOUT,
             Some(t) => {
                 let d = humantime::parse_duration(t.get_ref()).map_err(|e| {
-                    self.err(t, format!("run.timeout: {e} (write it like \"90s\" or \"5m\")"))
+                    self.err(
+                        t,
+                        format!("run.timeout: {e} (write it like \"90s\" or \"5m\")"),
+                    )
                 })?;
                 if d.is_zero() {
                     return Err(self.err(t, "run.timeout must be longer than zero"));
@@ -366,26 +369,18 @@ impl Cx<'_> {
         }
 
         let resources = self.resources(f.resources.as_ref())?;
-        let network = f
-            .network
-            .and_then(|n| n.mode)
-            .unwrap_or(NetworkMode::None);
+        let network = f.network.and_then(|n| n.mode).unwrap_or(NetworkMode::None);
 
         let mut secrets: Vec<Secret> = Vec::new();
         for s in &f.secret {
             let name = s.name.get_ref();
-            if name.is_empty()
-                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(self.err(
                     &s.name,
                     "secret.name must be letters, digits and '_' (it becomes part of a variable name)",
                 ));
             }
-            if secrets
-                .iter()
-                .any(|x| x.name.eq_ignore_ascii_case(name))
-            {
+            if secrets.iter().any(|x| x.name.eq_ignore_ascii_case(name)) {
                 return Err(self.err(&s.name, format!("secret {name} is declared twice")));
             }
             let from = s.from.get_ref();
@@ -396,7 +391,10 @@ impl Cx<'_> {
                 SecretSource::File(self.host_path(p))
             } else if let Some(c) = from.strip_prefix("credential:") {
                 if c.is_empty() || c.contains('/') {
-                    return Err(self.err(&s.from, "secret.from = \"credential:NAME\" needs a plain name"));
+                    return Err(self.err(
+                        &s.from,
+                        "secret.from = \"credential:NAME\" needs a plain name",
+                    ));
                 }
                 SecretSource::Credential(c.to_owned())
             } else if from == "fd" {
@@ -496,7 +494,10 @@ impl Cx<'_> {
 
     fn sandbox_path(&self, s: &Spanned<String>, what: &str) -> Result<String, PlanError> {
         if !s.get_ref().starts_with('/') {
-            return Err(self.err(s, format!("{what} must be an absolute path inside the sandbox")));
+            return Err(self.err(
+                s,
+                format!("{what} must be an absolute path inside the sandbox"),
+            ));
         }
         self.normalize(s, s.get_ref(), what)
     }

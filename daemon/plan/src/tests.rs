@@ -57,7 +57,10 @@ fn design_example_parses_with_every_field() {
     assert_eq!(p.resources.cpus, 2);
     assert_eq!(p.network, NetworkMode::None);
     assert_eq!(p.secrets[0].env_var(), "LIMINAL_SECRET_REGISTRY_TOKEN_FD");
-    assert_eq!(p.secrets[0].from, SecretSource::File("/etc/liminal/token".into()));
+    assert_eq!(
+        p.secrets[0].from,
+        SecretSource::File("/etc/liminal/token".into())
+    );
     assert_eq!(p.results.format, ResultsFormat::Junit);
     assert_eq!(p.results.path.as_deref(), Some("/workspace/report.xml"));
     assert_eq!(p.artifacts, vec!["out/*.tar.gz"]);
@@ -119,16 +122,25 @@ fn typed_errors_for_sections() {
         ("[resources]\ncpus = -1", "resources.cpus"),
         ("[network]\nmode = 'host'", "unknown variant `host`"),
         ("[[secret]]\nname = 'a-b'\nfrom = 'fd'", "secret.name"),
-        ("[[secret]]\nname = 'tok'\nfrom = 'env:TOKEN'", "expected \"file:PATH\""),
+        (
+            "[[secret]]\nname = 'tok'\nfrom = 'env:TOKEN'",
+            "expected \"file:PATH\"",
+        ),
         ("[results]\nformat = 'junit'", "results.path is required"),
-        ("[artifacts]\npaths = ['../../etc/passwd']", "relative to the workdir"),
+        (
+            "[artifacts]\npaths = ['../../etc/passwd']",
+            "relative to the workdir",
+        ),
         ("[env]\nLIMINAL_SIGNALS_FD = '9'", "reserved"),
         ("[[mount]]\nsource = '.'\ntarget = '/proc'", "would hide"),
     ];
     for (extra, needle) in cases {
         let e = parse(&format!("{base}{extra}\n")).unwrap_err();
         assert!(e.message.contains(needle), "{extra}: {e}");
-        assert!(e.line >= 5, "{extra}: error should point into the section: {e}");
+        assert!(
+            e.line >= 5,
+            "{extra}: error should point into the section: {e}"
+        );
     }
 }
 

@@ -5,8 +5,8 @@
 #[pgrx::pg_schema]
 mod tests {
     use crate::ingest::store::{write_batch, WireFact};
-    use liminal_facts::*;
     use liminal_facts::Timestamp;
+    use liminal_facts::*;
     use pgrx::prelude::*;
 
     const SRC: &str = "01TESTSP00LTESTSP00LTESTSP";
