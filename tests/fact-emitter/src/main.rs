@@ -316,6 +316,9 @@ async fn main() -> anyhow::Result<()> {
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_micros();
             writeln!(w, "{last} {us}")?;
+            // Flushed per batch: a test stops the emitter with a signal mid-stream
+            // and reads the last line to know how far it got.
+            w.flush()?;
         }
         next = last + 1;
         if args.rate > 0 {
