@@ -373,7 +373,7 @@ pub fn run(
     let secret_values: Vec<&[u8]> = sealed.iter().map(|s| &s.value[..]).collect();
     let redactor = Redactor::new(&secret_values);
 
-    let report = supervise(
+    let report = spawn_and_pump(
         cfg,
         &plan,
         &image.rootfs,
@@ -384,7 +384,8 @@ pub fn run(
         run_id,
         sink,
         cancel,
-    );
+    )
+    .map_err(|e| e.to_string());
     drop(sealed);
 
     // Decide the status.
@@ -686,29 +687,8 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), EngineError> {
     })
 }
 
-/// Spawns the helper and pumps its streams until it exits. `Err` carries a
-/// reason for a helper that died without a report (the run is `error`).
-#[allow(clippy::too_many_arguments)]
-fn supervise(
-    cfg: &EngineConfig,
-    plan: &Plan,
-    rootfs: &Path,
-    sealed: &[secrets::SealedSecret],
-    dirs: &RunDirs,
-    cid: &str,
-    redactor: &Redactor,
-    run_id: Ulid,
-    sink: &mut dyn FnMut(FactBody),
-    cancel: &CancelHandle,
-) -> Result<JobReport, String> {
-    match spawn_and_pump(
-        cfg, plan, rootfs, sealed, dirs, cid, redactor, run_id, sink, cancel,
-    ) {
-        Ok(r) => Ok(r),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
+/// Spawns the helper and pumps its streams until it exits. `Err` means the
+/// helper died without a report (the run is `error`).
 #[allow(clippy::too_many_arguments)]
 fn spawn_and_pump(
     cfg: &EngineConfig,
