@@ -4,11 +4,15 @@
 # data survived, the 0.2.0 objects work on it, the worker keeps ingesting,
 # and the upgraded extension has exactly the objects of a fresh 0.2.0.
 #
-# Needs the 0.2.0 build installed (it copies the upgrade script from sql/)
-# and installs sql/liminal--0.1.0.sql next to it:
-#   flock /work/pgrx.lock cargo pgrx install -p liminal --pg-config /usr/lib/postgresql/15/bin/pg_config
-#   cargo build --release -p liminal-fact-emitter
-#   flock /work/pgrx.lock tests/ingest/upgrade.sh
+# `scripts/test pg` runs it after `cargo pgrx install` of the 0.2.0 build
+# (which installs the upgrade script from sql/); this script installs the
+# frozen 0.1.0 install script, sql/liminal--0.1.0.sql, next to it. By hand:
+#   (cd pg_ext && cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config)
+#   cargo build -p liminal-fact-emitter
+#   EMITTER=$CARGO_TARGET_DIR/debug/fact-emitter tests/ingest/upgrade.sh
+# sql/liminal--0.1.0.sql was generated once, at the 0.1.0 release, with
+#   cargo pgrx schema -p liminal pg15 --features v0_1 -o sql/liminal--0.1.0.sql
+# and is never regenerated: a release's install script is frozen.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
