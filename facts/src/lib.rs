@@ -331,6 +331,16 @@ pub struct ReproVerdictFact {
     /// The single variation found responsible, when the search found one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub culprit: Option<String>,
+    /// Every variation found to change some artifact (several when more than
+    /// one is responsible; `culprit` is set only when exactly one is).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub culprits: Vec<String>,
+    /// Artifacts differed between two builds with no variation at all.
+    #[serde(default)]
+    pub nondeterministic: bool,
+    /// Requested variations that could not be applied, with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
     pub valid_at: Timestamp,
 }
 
@@ -341,6 +351,10 @@ pub struct ArtifactDifference {
     /// BLAKE3 of the stored diffoscope report, when diffoscope was available.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_blake3: Option<String>,
+    /// The variations that changed this artifact on their own, or
+    /// `["nondeterministic"]` when it differs with none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub culprits: Vec<String>,
 }
 
 /// A new fact id: ULIDs sort by creation time.

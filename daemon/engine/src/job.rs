@@ -73,6 +73,20 @@ pub struct Job {
     /// Offset CLOCK_MONOTONIC and CLOCK_BOOTTIME in a time namespace so they
     /// start near zero.
     pub reset_clocks: bool,
+    /// Container uid and gid of the workload process (0: the container's
+    /// root). Reproducibility checks vary them (`user_group`).
+    #[serde(default)]
+    pub uid: u32,
+    #[serde(default)]
+    pub gid: u32,
+    /// Extra `personality(2)` flags set just before exec, e.g.
+    /// `ADDR_NO_RANDOMIZE` (0x0040000) or `UNAME26` (0x0020000).
+    #[serde(default)]
+    pub personality: u32,
+    /// Seconds added to CLOCK_MONOTONIC and CLOCK_BOOTTIME inside the time
+    /// namespace (with `reset_clocks`), e.g. to make uptime differ.
+    #[serde(default)]
+    pub clock_offset_secs: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,6 +13,8 @@
 //!   signals; secret masking.
 //! - [`results`]: JUnit XML and TAP reports into test results.
 //! - [`artifacts`]: globbing, BLAKE3 hashing and the content-addressed store.
+//! - [`repro`]: reproducibility verification: builds under variations,
+//!   comparison by BLAKE3, culprit search.
 //!
 //! This crate must not depend on libcontainer (see DESIGN.md: container work
 //! never runs inside the multi-threaded daemon).
@@ -21,6 +23,7 @@ pub mod artifacts;
 pub mod digest;
 pub mod image;
 pub mod job;
+pub mod repro;
 pub mod results;
 pub mod runner;
 pub mod secrets;
@@ -28,5 +31,5 @@ pub mod signals;
 
 pub use runner::{
     cleanup_orphans, run, CancelHandle, CleanupReport, EngineConfig, EngineError, RunOutcome,
-    RunRequest, TestSummary,
+    RunRequest, SandboxVariation, TestSummary,
 };

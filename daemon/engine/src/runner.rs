@@ -308,11 +308,45 @@ pub fn sandbox_config(plan: &Plan) -> serde_json::Value {
     })
 }
 
+/// Changes to the sandbox that a reproducibility check applies to one build
+/// (see [`crate::repro`]); the default changes nothing. Variations of the
+/// plan itself (workdir, env, CPUs) are made on the plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SandboxVariation {
+    pub hostname: Option<String>,
+    pub domainname: Option<String>,
+    pub umask: Option<u32>,
+    /// Container uid and gid of the workload (the workdir is given to them).
+    pub user: Option<(u32, u32)>,
+    /// Extra personality(2) flags.
+    pub personality: u32,
+    /// Added to CLOCK_MONOTONIC and CLOCK_BOOTTIME in the time namespace.
+    pub clock_offset_secs: i64,
+}
+
+impl SandboxVariation {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// Blocking. Emits facts through `sink` as they happen: Run(running) first,
 /// signals while running, test results and artifacts after, Run(final) last.
 pub fn run(
     cfg: &EngineConfig,
     req: RunRequest,
+    sink: &mut dyn FnMut(FactBody),
+    cancel: &CancelHandle,
+) -> Result<RunOutcome, EngineError> {
+    run_varied(cfg, req, &SandboxVariation::default(), sink, cancel)
+}
+
+/// [`run`] with sandbox variations applied (a non-default variation enters
+/// the input digest).
+pub fn run_varied(
+    cfg: &EngineConfig,
+    req: RunRequest,
+    variation: &SandboxVariation,
     sink: &mut dyn FnMut(FactBody),
     cancel: &CancelHandle,
 ) -> Result<RunOutcome, EngineError> {
@@ -335,8 +369,11 @@ pub fn run(
         })?;
         mount_digests.push((m.target.clone(), d));
     }
-    let input_digest =
-        digest::input_digest(&plan, &image.digest, &mount_digests, &sandbox_config(&plan));
+    let mut sandbox = sandbox_config(&plan);
+    if !variation.is_default() {
+        sandbox["variation"] = json!(variation);
+    }
+    let input_digest = digest::input_digest(&plan, &image.digest, &mount_digests, &sandbox);
 
     let cid = container_id(run_id);
     let cgroup = cgroup_path(cfg, run_id);
@@ -346,7 +383,7 @@ pub fn run(
         created_cgroup_parents: job::missing_cgroup_parents(&cgroup),
         cgroup_path: cgroup.clone(),
     };
-    prepare_dirs(&dirs)?;
+    prepare_dirs(&dirs, variation.user.unwrap_or((0, 0)))?;
 
     let started_at = Timestamp::now();
     let run_fact = |status: RunStatus,
@@ -382,6 +419,7 @@ pub fn run(
         &cid,
         &redactor,
         run_id,
+        variation,
         sink,
         cancel,
     )
@@ -609,7 +647,7 @@ fn host_path(plan: &Plan, dirs: &RunDirs, inside: &str) -> Option<PathBuf> {
         .find_map(|m| under(&m.target).map(|r| m.source.join(r)))
 }
 
-fn prepare_dirs(dirs: &RunDirs) -> Result<(), EngineError> {
+fn prepare_dirs(dirs: &RunDirs, (uid, gid): (u32, u32)) -> Result<(), EngineError> {
     use std::os::unix::fs::PermissionsExt;
     if dirs.root.exists() {
         return Err(EngineError::Io {
@@ -645,10 +683,10 @@ fn prepare_dirs(dirs: &RunDirs) -> Result<(), EngineError> {
         }
         p = d.parent();
     }
-    // Owned by the container's root (mapped), so it can write there without
+    // Owned by the workload's (mapped) user, so it can write there without
     // any capability.
-    let owner = Some(nix::unistd::Uid::from_raw(ID_MAP.host_id));
-    let group = Some(nix::unistd::Gid::from_raw(ID_MAP.host_id));
+    let owner = Some(nix::unistd::Uid::from_raw(ID_MAP.host_id + uid));
+    let group = Some(nix::unistd::Gid::from_raw(ID_MAP.host_id + gid));
     for (d, mode) in [(dirs.work(), 0o755), (dirs.tmp(), 0o1777)] {
         nix::unistd::chown(&d, owner, group).map_err(|e| EngineError::Io {
             what: format!("chown {}", d.display()),
@@ -699,6 +737,7 @@ fn spawn_and_pump(
     cid: &str,
     redactor: &Redactor,
     run_id: Ulid,
+    variation: &SandboxVariation,
     sink: &mut dyn FnMut(FactBody),
     cancel: &CancelHandle,
 ) -> Result<JobReport, EngineError> {
@@ -774,9 +813,15 @@ fn spawn_and_pump(
         args: plan.command.clone(),
         env: sandbox_env(plan, &secret_vars),
         cwd: plan.workdir.clone(),
-        hostname: HOSTNAME.into(),
-        domainname: DOMAINNAME.into(),
-        umask: UMASK,
+        hostname: variation
+            .hostname
+            .clone()
+            .unwrap_or_else(|| HOSTNAME.into()),
+        domainname: variation
+            .domainname
+            .clone()
+            .unwrap_or_else(|| DOMAINNAME.into()),
+        umask: variation.umask.unwrap_or(UMASK),
         mounts,
         network: match plan.network {
             NetworkMode::None => Network::None,
@@ -798,6 +843,10 @@ fn spawn_and_pump(
         rlimits: rlimits(),
         writable_paths: writable,
         reset_clocks: true,
+        uid: variation.user.map_or(0, |u| u.0),
+        gid: variation.user.map_or(0, |u| u.1),
+        personality: variation.personality,
+        clock_offset_secs: variation.clock_offset_secs,
     };
     let job_json = serde_json::to_vec(&job).map_err(|e| EngineError::Io {
         what: "encoding the job".into(),

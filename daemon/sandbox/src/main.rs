@@ -166,8 +166,8 @@ fn setup(job: &Job) -> Result<SignalFd> {
     // is unmapped inside, so reopening them (`echo > /dev/stderr`, i.e.
     // /proc/self/fd/2) would fail with EACCES. Give them to the mapped root.
     let (uid, gid) = (
-        nix::unistd::Uid::from_raw(job.id_map.host_id),
-        nix::unistd::Gid::from_raw(job.id_map.host_id),
+        nix::unistd::Uid::from_raw(job.id_map.host_id + job.uid),
+        nix::unistd::Gid::from_raw(job.id_map.host_id + job.gid),
     );
     let container_fds = (0..job.preserved_fds as RawFd).map(|i| job::FIRST_CONTAINER_FD + i);
     for fd in container_fds.chain([job.stdout_fd, job.stderr_fd]) {
@@ -190,6 +190,7 @@ fn launch(
     let executor = LiminalExecutor {
         writable: job.writable_paths.clone(),
         cpus: spec::first_cpus(job.resources.cpus)?,
+        personality: job.personality,
     };
     let mut container = ContainerBuilder::new(job.container_id.clone(), SyscallType::default())
         .with_root_path(&job.state_root)
@@ -337,6 +338,8 @@ struct LiminalExecutor {
     writable: Vec<String>,
     /// Pinned before exec: `nproc` and thread pools see exactly `cpus` CPUs.
     cpus: Vec<usize>,
+    /// Extra personality flags (ASLR off, 2.6 uname); 0 leaves it alone.
+    personality: u32,
 }
 
 impl Executor for LiminalExecutor {
@@ -359,6 +362,13 @@ impl Executor for LiminalExecutor {
         }
         nix::sched::sched_setaffinity(Pid::from_raw(0), &set)
             .map_err(|e| ExecutorError::Other(format!("sched_setaffinity: {e}")))?;
+        if self.personality != 0 {
+            // Inherited across exec (ADDR_NO_RANDOMIZE is only cleared for
+            // set-id programs, which the sandbox cannot gain anyway).
+            let persona = nix::sys::personality::Persona::from_bits_retain(self.personality as i32);
+            nix::sys::personality::set(persona)
+                .map_err(|e| ExecutorError::Other(format!("personality: {e}")))?;
+        }
         spec::restrict_writes(&self.writable)
             .map_err(|e| ExecutorError::Other(format!("landlock: {e}")))?;
         DefaultExecutor {}.exec(spec)

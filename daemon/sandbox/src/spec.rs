@@ -163,6 +163,8 @@ pub fn build(job: &Job, staged: &Staged) -> Result<Value> {
         .collect::<Vec<_>>());
     p["cwd"] = json!(job.cwd);
     p["user"]["umask"] = json!(job.umask);
+    p["user"]["uid"] = json!(job.uid);
+    p["user"]["gid"] = json!(job.gid);
     p["rlimits"] = json!(job
         .rlimits
         .iter()
@@ -207,8 +209,8 @@ pub fn build(job: &Job, staged: &Staged) -> Result<Value> {
         // Whole seconds: the clocks inside start in [0, 1) s (the kernel
         // refuses offsets that would make a clock negative).
         l["timeOffsets"] = json!({
-            "monotonic": { "secs": -mono, "nanosecs": 0 },
-            "boottime": { "secs": -boot, "nanosecs": 0 },
+            "monotonic": { "secs": -mono + job.clock_offset_secs, "nanosecs": 0 },
+            "boottime": { "secs": -boot + job.clock_offset_secs, "nanosecs": 0 },
         });
     }
     // Both network modes get a fresh network namespace (in the base list);
