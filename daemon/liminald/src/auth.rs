@@ -1,7 +1,8 @@
 //! Who may call what.
 //!
-//! With polkitd on the bus (it owns `org.freedesktop.PolicyKit1`), every
-//! method asks it (`CheckAuthorization` for the caller's bus name), so admins
+//! Root is always allowed. With polkitd on the bus (it owns
+//! `org.freedesktop.PolicyKit1`, or the bus can activate it), every method
+//! asks it (`CheckAuthorization` for the caller's bus name), so admins
 //! decide with polkit rules. Without polkit (containers, test buses, minimal
 //! hosts) the fallback is: root, or a member of the access group (default
 //! `liminal`, primary or supplementary per /etc/group via NSS).
@@ -74,6 +75,11 @@ impl Authorizer {
             .get_connection_unix_user(sender.clone().into())
             .await
             .map_err(|e| BusError::new(ACCESS_DENIED, format!("cannot identify caller: {e}")))?;
+        // Root may do anything here anyway (it can rewrite the polkit rules);
+        // asking polkit for it would only add a round trip per call.
+        if uid == 0 {
+            return Ok(());
+        }
         if self.use_polkit && polkit_present(&dbus).await {
             // Interactive authentication only when the caller asked for it.
             let interactive = hdr
@@ -109,7 +115,7 @@ impl Authorizer {
                 format!("{} denied for uid {uid} by polkit: {why}", action.id()),
             ));
         }
-        if uid == 0 || in_group(uid, &self.group) {
+        if in_group(uid, &self.group) {
             return Ok(());
         }
         tracing::info!(uid, action = action.id(), "access denied");
@@ -124,11 +130,20 @@ impl Authorizer {
     }
 }
 
+/// polkitd is on the bus, or can be started by it. On Debian (and most
+/// hosts) polkit.service is D-Bus activated: nobody owns the name until the
+/// first call, so checking the owner alone would skip polkit on a fresh boot.
 async fn polkit_present(dbus: &zbus::fdo::DBusProxy<'_>) -> bool {
-    match zbus::names::BusName::try_from(POLKIT_NAME) {
-        Ok(name) => dbus.name_has_owner(name).await.unwrap_or(false),
-        Err(_) => false,
+    let Ok(name) = zbus::names::BusName::try_from(POLKIT_NAME) else {
+        return false;
+    };
+    if dbus.name_has_owner(name).await.unwrap_or(false) {
+        return true;
     }
+    dbus.list_activatable_names()
+        .await
+        .map(|names| names.iter().any(|n| n.as_str() == POLKIT_NAME))
+        .unwrap_or(false)
 }
 
 /// Whether `uid` belongs to `group` (primary group or listed in /etc/group).

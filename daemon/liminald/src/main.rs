@@ -4,6 +4,7 @@ mod auth;
 mod daemon;
 mod engine_glue;
 mod error;
+mod fault;
 mod notify;
 mod service;
 mod spooler;
@@ -274,7 +275,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     notify::ready(&shared.status_line());
     tracing::info!(name = service::BUS_NAME, state_dir = %state_dir.display(), "liminald ready");
     if let Some(every) = notify::watchdog_interval() {
-        tokio::spawn(notify::watchdog_loop(every));
+        match fault::stop_watchdog_after() {
+            // Test-only (see fault.rs).
+            Some(after) => {
+                tracing::warn!(
+                    fault = fault::STOP_WATCHDOG_AFTER,
+                    after_s = after.as_secs_f64(),
+                    "test fault armed: the watchdog will stop"
+                );
+                tokio::spawn(fault::watchdog_loop_then_hang(every, after));
+            }
+            None => {
+                tokio::spawn(notify::watchdog_loop(every));
+            }
+        }
     }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
