@@ -1,5 +1,6 @@
 -- Plain-SQL causality trail (recursive CTE): the same candidate signals
--- (same host, max_depth × window before the failure), depth 1 = the window,
+-- (the run and the runs on its host that overlapped it, max_depth × window
+-- before the failure), depth 1 = the window,
 -- deeper hops through shared attribute values (jsonb_each), rarity against
 -- the last 20 passing runs of the same test, weight = recency × rarity × hop
 -- decay. Declared causes (attrs.cause) are left out: the benchmark data has
@@ -10,12 +11,13 @@ CREATE OR REPLACE FUNCTION bench.causality_sql(rid text, max_depth int DEFAULT 5
 RETURNS TABLE(depth int, signal_id text, kind text, name text, at timestamptz, weight float8)
 LANGUAGE sql STABLE AS $$
 WITH RECURSIVE f AS (
-    SELECT r.run_id, r.test_name, r.started_at + r.duration_ms * interval '1 ms' AS t, ru.host
+    SELECT r.run_id, r.test_name, r.started_at + r.duration_ms * interval '1 ms' AS t, ru.host,
+           least(ru.started_at, r.started_at) AS run_start
     FROM liminal.test_results r JOIN liminal.runs ru ON ru.id = r.run_id WHERE r.id = rid),
 hr AS (
     SELECT ru.id FROM liminal.runs ru, f
     WHERE ru.id = f.run_id OR (ru.host = f.host AND ru.started_at <= f.t
-                               AND coalesce(ru.finished_at, 'infinity') >= f.t - max_depth * win)),
+                               AND coalesce(ru.finished_at, 'infinity') >= f.run_start)),
 pool AS MATERIALIZED (
     SELECT s.id, s.kind, s.name, s.at, s.attrs FROM liminal.signals s JOIN hr ON s.run_id = hr.id, f
     WHERE s.at BETWEEN f.t - max_depth * win AND f.t),

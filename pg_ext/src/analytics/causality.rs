@@ -67,19 +67,23 @@ struct Failure {
     run_id: String,
     test_name: String,
     host: Option<String>,
+    /// When the failed run started: other runs on the host count when they
+    /// overlapped [run_started_at, ended_at].
+    run_started_at: i64,
     ended_at: i64,
 }
 
 fn load_failure(id: &str) -> Failure {
-    let mut found: Option<(String, String, String, i64, i64, Option<String>)> = None;
+    type Found = (String, String, String, i64, i64, Option<String>, Option<i64>);
+    let mut found: Option<Found> = None;
     stream(
-        "SELECT r.run_id, r.test_name, r.status, r.started_at, r.duration_ms, ru.host
+        "SELECT r.run_id, r.test_name, r.status, r.started_at, r.duration_ms, ru.host, ru.started_at
          FROM liminal.test_result_versions r
          LEFT JOIN liminal.run_versions ru
                 ON ru.run_id = r.run_id AND ru.tx_to = 'infinity' AND ru.valid_to = 'infinity'
          WHERE r.id = $1 AND r.tx_to = 'infinity' AND r.valid_to = 'infinity'",
         &[DatumWithOid::from(id)],
-        6,
+        7,
         &mut |row: &Row<'_>| {
             if let (Some(run), Some(name), Some(status), Some(at), Some(dur)) = (
                 row.str(0),
@@ -95,11 +99,12 @@ fn load_failure(id: &str) -> Failure {
                     at,
                     dur,
                     row.str(5).map(Into::into),
+                    row.ts_unix_us(6),
                 ));
             }
         },
     );
-    let Some((run_id, test_name, status, started, dur, host)) = found else {
+    let Some((run_id, test_name, status, started, dur, host, run_started)) = found else {
         bad_argument(
             format!("no test result with id {id:?}"),
             "Pass the id of a row of liminal.test_results, e.g. SELECT id FROM liminal.test_results WHERE status = 'failed' ORDER BY started_at DESC LIMIT 1.",
@@ -115,6 +120,9 @@ fn load_failure(id: &str) -> Failure {
         run_id,
         test_name,
         host,
+        // A result older than its run's record (clock skew, a correction):
+        // the overlap starts at the earlier of the two.
+        run_started_at: run_started.unwrap_or(started).min(started),
         ended_at: started.saturating_add(dur.saturating_mul(1000)),
     }
 }
@@ -123,7 +131,7 @@ const CANDIDATES_SQL: &str = "
 WITH r AS (
     SELECT run_id FROM liminal.run_versions
     WHERE tx_to = 'infinity' AND valid_to = 'infinity'
-      AND (run_id = $1 OR (host = $2 AND started_at <= $4 AND coalesce(finished_at, 'infinity') >= $3))
+      AND (run_id = $1 OR (host = $2 AND started_at <= $4 AND coalesce(finished_at, 'infinity') >= $7))
 )
 SELECT * FROM (
     SELECT s.id, s.kind, s.name, s.at,
@@ -143,7 +151,7 @@ SELECT s.id, s.kind, s.name, s.at, CASE WHEN s.attrs = '{}'::jsonb THEN NULL ELS
 FROM liminal.run_versions ru
 JOIN liminal.signal_versions s ON s.run_id = ru.run_id
 WHERE ru.tx_to = 'infinity' AND ru.valid_to = 'infinity'
-  AND (ru.run_id = $1 OR (ru.host = $2 AND ru.started_at <= $4 AND coalesce(ru.finished_at, 'infinity') >= $3))
+  AND (ru.run_id = $1 OR (ru.host = $2 AND ru.started_at <= $4 AND coalesce(ru.finished_at, 'infinity') >= $6))
   AND s.tx_to = 'infinity' AND s.valid_to = 'infinity'
   AND s.at >= $3 AND s.at <= $4 AND (s.id = ANY($5) OR s.name = ANY($5))
 LIMIT 10000";
@@ -219,6 +227,7 @@ fn causality_walk(
             DatumWithOid::from(ts(t)),
             DatumWithOid::from(ts(w_lo)),
             DatumWithOid::from(MAX_CANDIDATES),
+            DatumWithOid::from(ts(f.run_started_at)),
         ],
         5,
         &mut |row: &Row<'_>| {
@@ -252,6 +261,7 @@ fn causality_walk(
                 DatumWithOid::from(ts(lo)),
                 DatumWithOid::from(ts(t)),
                 DatumWithOid::from(missing),
+                DatumWithOid::from(ts(f.run_started_at)),
             ],
             5,
             &mut |row: &Row<'_>| {

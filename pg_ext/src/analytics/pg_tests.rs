@@ -7,8 +7,8 @@ mod tests {
 
     /// 11 tests × runs 1..12 (host h1, one an hour, digests d0 d0 d0 d0 d1 ...),
     /// run 13 an infrastructure failure by share (10 of 11 failed), run 14 by
-    /// status (error), runs 15 (h1, overlapping run 11) and 16 (h2) carry
-    /// signals only. Outcomes (runs 1..12):
+    /// status (error), runs 15 (h1, overlapping run 11), 16 (h2) and 17 (h1,
+    /// ended 100 s before run 11 started) carry signals only. Outcomes (runs 1..12):
     ///   t.stable   P everywhere
     ///   t.flaky    F in runs 2 and 5 (digests d0, d1 disagree; d2 not)
     ///   t.broken   F everywhere
@@ -32,7 +32,8 @@ FROM generate_series(1, 12) r
 UNION ALL SELECT pg_temp.rid(13), 'fx', 'failed', 'd9', 'h1', now() - interval '50 min', now() - interval '40 min', now() - interval '50 min'
 UNION ALL SELECT pg_temp.rid(14), 'fx', 'error', 'd9', 'h1', now() - interval '35 min', now() - interval '30 min', now() - interval '35 min'
 UNION ALL SELECT pg_temp.rid(15), 'fx', 'passed', 'd8', 'h1', pg_temp.rstart(11) + interval '100 s', pg_temp.rstart(11) + interval '1250 s', pg_temp.rstart(11)
-UNION ALL SELECT pg_temp.rid(16), 'fx', 'passed', 'd8', 'h2', pg_temp.rstart(11), pg_temp.rstart(11) + interval '1300 s', pg_temp.rstart(11);
+UNION ALL SELECT pg_temp.rid(16), 'fx', 'passed', 'd8', 'h2', pg_temp.rstart(11), pg_temp.rstart(11) + interval '1300 s', pg_temp.rstart(11)
+UNION ALL SELECT pg_temp.rid(17), 'fx', 'passed', 'd8', 'h1', pg_temp.rstart(11) - interval '500 s', pg_temp.rstart(11) - interval '100 s', pg_temp.rstart(11);
 INSERT INTO liminal.test_result_versions (id, run_id, test_name, status, started_at, duration_ms, valid_from)
 SELECT pg_temp.tid(r, t.i), pg_temp.rid(r), t.name, s.status, st, 500, st
 FROM generate_series(1, 14) r CROSS JOIN fx_tests t
@@ -60,7 +61,8 @@ UNION ALL SELECT 'SGIORETRY00000000000000000', pg_temp.rid(11), 'event', 'io.ret
 UNION ALL SELECT 'SGDEPLOY000000000000000000', pg_temp.rid(11), 'event', 'deploy.start', t - interval '1000 s', '{}'::jsonb, t FROM fx_t
 UNION ALL SELECT 'SGOTHERRUN0000000000000000', pg_temp.rid(15), 'log', 'stderr', t - interval '30 s', '{}'::jsonb, t FROM fx_t
 UNION ALL SELECT 'SGOTHERHOST000000000000000', pg_temp.rid(16), 'event', 'elsewhere', t - interval '5 s', '{}'::jsonb, t FROM fx_t
-UNION ALL SELECT 'SGAFTER0000000000000000000', pg_temp.rid(11), 'event', 'after', t + interval '5 s', '{}'::jsonb, t FROM fx_t;
+UNION ALL SELECT 'SGAFTER0000000000000000000', pg_temp.rid(11), 'event', 'after', t + interval '5 s', '{}'::jsonb, t FROM fx_t
+UNION ALL SELECT 'SGEARLIERRUN00000000000000', pg_temp.rid(17), 'event', 'earlier', pg_temp.rstart(11) - interval '200 s', '{}'::jsonb, t FROM fx_t;
 SET LOCAL liminal.infra_min_tests = 5;
 "#;
 
@@ -303,6 +305,21 @@ SET LOCAL liminal.infra_min_tests = 5;
         )
         .unwrap();
         assert_eq!(n, Some(0));
+        // A run on the same host that had ended before the failed run began
+        // is no candidate, even when the window reaches back to its signals.
+        let wide: Vec<String> = Spi::connect(|c| {
+            c.select(
+                "SELECT signal_id FROM liminal.causality_walk('TR000000000000000000001103', 1, '30 minutes')",
+                None,
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get::<String>(1).unwrap().unwrap())
+            .collect()
+        });
+        assert!(wide.iter().any(|i| i == "SGOTHERRUN0000000000000000"), "{wide:?}");
+        assert!(wide.iter().any(|i| i == "SGDEPLOY000000000000000000"), "{wide:?}");
+        assert!(!wide.iter().any(|i| i == "SGEARLIERRUN00000000000000"), "{wide:?}");
     }
 
     /// Message and hint of the error a statement raises (NULLs if none).
