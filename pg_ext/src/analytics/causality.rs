@@ -74,7 +74,15 @@ struct Failure {
 }
 
 fn load_failure(id: &str) -> Failure {
-    type Found = (String, String, String, i64, i64, Option<String>, Option<i64>);
+    type Found = (
+        String,
+        String,
+        String,
+        i64,
+        i64,
+        Option<String>,
+        Option<i64>,
+    );
     let mut found: Option<Found> = None;
     stream(
         "SELECT r.run_id, r.test_name, r.status, r.started_at, r.duration_ms, ru.host, ru.started_at

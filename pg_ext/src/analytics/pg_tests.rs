@@ -317,9 +317,18 @@ SET LOCAL liminal.infra_min_tests = 5;
             .map(|r| r.get::<String>(1).unwrap().unwrap())
             .collect()
         });
-        assert!(wide.iter().any(|i| i == "SGOTHERRUN0000000000000000"), "{wide:?}");
-        assert!(wide.iter().any(|i| i == "SGDEPLOY000000000000000000"), "{wide:?}");
-        assert!(!wide.iter().any(|i| i == "SGEARLIERRUN00000000000000"), "{wide:?}");
+        assert!(
+            wide.iter().any(|i| i == "SGOTHERRUN0000000000000000"),
+            "{wide:?}"
+        );
+        assert!(
+            wide.iter().any(|i| i == "SGDEPLOY000000000000000000"),
+            "{wide:?}"
+        );
+        assert!(
+            !wide.iter().any(|i| i == "SGEARLIERRUN00000000000000"),
+            "{wide:?}"
+        );
     }
 
     /// Message and hint of the error a statement raises (NULLs if none).
