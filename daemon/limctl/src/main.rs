@@ -13,6 +13,7 @@ mod state;
 mod engine_glue;
 mod local;
 mod output;
+mod verify;
 
 use anyhow::{anyhow, Context};
 use clap::{CommandFactory, Parser, Subcommand};
@@ -58,6 +59,24 @@ enum Cmd {
         #[arg(long = "secret", value_name = "NAME=@FILE|NAME=-")]
         secrets: Vec<String>,
     },
+    /// Check that a plan's build reproduces bit for bit: build it N times
+    /// under variations (reprotest's names), compare artifacts by BLAKE3,
+    /// name the variation responsible. Exit 0 reproducible, 1 not.
+    Verify {
+        plan: PathBuf,
+        /// Builds to compare (the control plus N-1 varied).
+        #[arg(long, default_value_t = 2)]
+        runs: u32,
+        /// Variations, e.g. "hostname,umask" or "-time,-fileordering"
+        /// (default: all).
+        #[arg(long, value_name = "LIST")]
+        vary: Vec<String>,
+        /// In this process, without the daemon.
+        #[arg(long)]
+        local: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// List the runs the daemon knows.
     List {
         #[arg(long)]
@@ -91,6 +110,12 @@ enum Cmd {
 )]
 trait Manager {
     fn start_run(
+        &self,
+        plan_toml: &str,
+        secret_fds: HashMap<String, zvariant::OwnedFd>,
+        options: HashMap<&str, Value<'_>>,
+    ) -> zbus::Result<(String, OwnedObjectPath)>;
+    fn verify_reproducible(
         &self,
         plan_toml: &str,
         secret_fds: HashMap<String, zvariant::OwnedFd>,
@@ -156,6 +181,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             let run = local::run(&plan, fds)?;
             Ok(output::finish(&run, json))
         }
+        Cmd::Verify {
+            plan,
+            runs,
+            vary,
+            local: true,
+            json,
+        } => verify::local(&verify::Args {
+            plan: &plan,
+            runs,
+            vary,
+            json,
+        }),
         cmd => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -206,6 +243,21 @@ async fn remote(addr: Option<String>, cmd: Cmd) -> anyhow::Result<u8> {
             secrets,
             ..
         } => run_remote(&conn, &mgr, &plan, &secrets, json).await,
+        Cmd::Verify {
+            plan,
+            runs,
+            vary,
+            json,
+            ..
+        } => {
+            let args = verify::Args {
+                plan: &plan,
+                runs,
+                vary,
+                json,
+            };
+            verify::remote(&conn, &mgr, &args).await
+        }
         Cmd::List { json } => {
             let runs = mgr.list_runs().await.map_err(bus_err)?;
             output::list(&runs, json);

@@ -17,6 +17,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tracing::Instrument;
 
+// VerifyReproducible lives in its own module; declared here to leave main.rs alone.
+#[path = "verify.rs"]
+pub mod verify;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnStop {
     /// Let running runs finish (queued ones are cancelled).
@@ -138,6 +142,17 @@ impl Shared {
         plan: Plan,
         fd_secrets: BTreeMap<String, OwnedFd>,
     ) -> BusResult<Ulid> {
+        self.start_run_or_verify(plan, fd_secrets, None).await
+    }
+
+    /// [`Self::start_run`], or a reproducibility verification when `verify`
+    /// is given.
+    pub async fn start_run_or_verify(
+        self: &Arc<Self>,
+        plan: Plan,
+        fd_secrets: BTreeMap<String, OwnedFd>,
+        verify: Option<verify::VerifyOptions>,
+    ) -> BusResult<Ulid> {
         if self.stopping.load(Ordering::Relaxed) {
             return Err(BusError::new(STOPPING, "liminald is stopping"));
         }
@@ -160,7 +175,7 @@ impl Shared {
                 format!("the run queue is full ({depth} runs waiting)"),
             ));
         }
-        match self.admit(plan, fd_secrets).await {
+        match self.admit(plan, fd_secrets, verify).await {
             Ok(id) => {
                 self.status_changed().await;
                 Ok(id)
@@ -176,6 +191,7 @@ impl Shared {
         self: &Arc<Self>,
         plan: Plan,
         fd_secrets: BTreeMap<String, OwnedFd>,
+        verify: Option<verify::VerifyOptions>,
     ) -> BusResult<Ulid> {
         let run_id = liminal_facts::new_id();
         let record = RunRecord::new(
@@ -225,7 +241,8 @@ impl Shared {
         let span = tracing::info_span!("run", run_id = %run_id, plan = %plan.name);
         let me = Arc::clone(self);
         tokio::spawn(
-            async move { me.drive(run_id, plan, fd_secrets, cancel).await }.instrument(span),
+            async move { me.drive(run_id, plan, fd_secrets, cancel, verify).await }
+                .instrument(span),
         );
         Ok(run_id)
     }
@@ -236,6 +253,7 @@ impl Shared {
         plan: Plan,
         fd_secrets: BTreeMap<String, OwnedFd>,
         cancel: CancelHandle,
+        verify: Option<verify::VerifyOptions>,
     ) {
         let permit = Arc::clone(&self.slots).acquire_owned().await;
         let go = {
@@ -272,18 +290,32 @@ impl Shared {
                 // Blocks when the spooler is behind: back-pressure on the run.
                 let _ = tx.send(SpoolMsg::Fact(fact, None));
             };
+            if let Some(opts) = verify {
+                return verify::execute(&cfg, run_id, plan, fd_secrets, &opts, &mut sink, &cancel);
+            }
+            // A plain run: its last fact is already its final state.
             let req = RunRequest {
                 run_id,
                 plan,
                 fd_secrets,
             };
             engine_glue::run(&cfg, req, &mut sink, &cancel)
+                .map(|o| (o.status, o.exit_code, None))
+                .map_err(|e| e.to_string())
         })
         .await;
         drop(permit);
         match result {
-            Ok(Ok(outcome)) => {
-                tracing::info!(status = %outcome.status, exit_code = ?outcome.exit_code, "run finished");
+            Ok(Ok((status, exit_code, verdict_reason))) => {
+                tracing::info!(%status, ?exit_code, "run finished");
+                if let Some(reason) = verdict_reason {
+                    // A verification: the verdict decides the run's final state.
+                    let fact =
+                        self.with_run(&run_id, |r| FactBody::Run(r.run_fact(status, Some(reason))));
+                    if let Some(fact) = fact {
+                        self.send_fact(fact).await;
+                    }
+                }
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "run could not start");

@@ -89,6 +89,56 @@ impl Manager {
         Ok((run_id.to_string(), path))
     }
 
+    /// Builds the plan `runs` times (default 2) under variations (`vary`,
+    /// reprotest's names; default all) and compares the artifacts: a run
+    /// like StartRun's whose facts end with a `repro_verdict`.
+    #[zbus(out_args("run_id", "run_path"))]
+    async fn verify_reproducible(
+        &self,
+        plan_toml: String,
+        secret_fds: HashMap<String, zvariant::OwnedFd>,
+        options: HashMap<String, OwnedValue>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(String, OwnedObjectPath), BusError> {
+        self.shared
+            .settings
+            .auth
+            .check(conn, &hdr, Action::StartRun)
+            .await?;
+        let verify = crate::daemon::verify::options(&options)?;
+        let plan_path = match options.get("plan_path") {
+            Some(v) => Some(PathBuf::from(
+                String::try_from(
+                    v.try_clone()
+                        .map_err(|e| BusError::new(INVALID_ARGS, format!("plan_path: {e}")))?,
+                )
+                .map_err(|_| {
+                    BusError::new(INVALID_ARGS, "option plan_path must be a string (s)")
+                })?,
+            )),
+            None => None,
+        };
+        let plan = parse_plan(&plan_toml, plan_path.as_deref())?;
+        let passed: BTreeMap<String, OwnedFd> = secret_fds
+            .into_iter()
+            .map(|(k, v)| (k, OwnedFd::from(v)))
+            .collect();
+        let fd_secrets = check_secrets(
+            &plan,
+            passed,
+            self.shared.settings.engine.credentials_dir.clone(),
+        )
+        .await?;
+        let run_id = self
+            .shared
+            .start_run_or_verify(plan, fd_secrets, Some(verify))
+            .await?;
+        let path = OwnedObjectPath::try_from(run_path(&run_id))
+            .map_err(|e| BusError::failed(format!("object path: {e}")))?;
+        Ok((run_id.to_string(), path))
+    }
+
     async fn cancel_run(
         &self,
         run_id: String,

@@ -41,6 +41,8 @@ pub struct RunRecord {
     pub timeout: Option<Duration>,
     /// Facts seen for this run (progress while running).
     pub facts_seen: u64,
+    /// The reproducibility verdict of a VerifyReproducible run.
+    pub repro: Option<serde_json::Value>,
 }
 
 /// Which Run properties a fact moved.
@@ -70,6 +72,7 @@ impl RunRecord {
             artifacts: Vec::new(),
             timeout,
             facts_seen: 0,
+            repro: None,
         }
     }
 
@@ -155,7 +158,11 @@ impl RunRecord {
                 });
                 Changed::default()
             }
-            FactBody::Signal(_) | FactBody::ReproVerdict(_) => Changed {
+            FactBody::ReproVerdict(v) => {
+                self.repro = serde_json::to_value(v).ok();
+                Changed::default()
+            }
+            FactBody::Signal(_) => Changed {
                 progress: self.status == RunStatus::Running,
                 ..Changed::default()
             },
@@ -208,6 +215,7 @@ impl RunRecord {
                 v
             }).collect::<Vec<_>>(),
             "artifacts": self.artifacts.iter().map(|a| json!({"path": a.path, "blake3": a.blake3, "size": a.size})).collect::<Vec<_>>(),
+            "repro": self.repro,
         })
     }
 }

@@ -1,0 +1,103 @@
+//! `VerifyReproducible`: a run whose work is a reproducibility verification
+//! (`liminal_engine::repro`) instead of a single build. It goes through the
+//! same authorization, queue, spool and run objects as `StartRun`; the
+//! control build's facts are the run's, followed by a `repro_verdict` fact,
+//! which `GetRun` shows under `"repro"`.
+//!
+//! Declared from `daemon.rs` (by path) so that `main.rs` stays untouched.
+
+use crate::engine_glue::{CancelHandle, EngineConfig};
+use crate::error::{BusError, INVALID_ARGS};
+use liminal_engine::repro;
+pub use liminal_engine::repro::VerifyOptions;
+use liminal_facts::{FactBody, RunStatus, Ulid};
+use liminal_plan::Plan;
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::OwnedFd;
+use zbus::zvariant::OwnedValue;
+
+/// D-Bus error for a variation name the engine does not know.
+pub const INVALID_ARGUMENT: &str = "org.liminalqa.Liminal1.Error.InvalidArgument";
+
+/// Reads `runs` (u) and `vary` (as) from the call's options; other keys
+/// (`plan_path`) are the caller's business.
+pub fn options(options: &HashMap<String, OwnedValue>) -> Result<VerifyOptions, BusError> {
+    let mut opts = VerifyOptions::default();
+    if let Some(v) = options.get("runs") {
+        let runs = u32::try_from(v).map_err(|_| {
+            BusError::new(INVALID_ARGS, "option runs must be an unsigned integer (u)")
+        })?;
+        if runs < 2 {
+            return Err(BusError::new(
+                INVALID_ARGUMENT,
+                format!("runs must be at least 2 (got {runs})"),
+            ));
+        }
+        if runs > 16 {
+            return Err(BusError::new(
+                INVALID_ARGUMENT,
+                format!("runs must be at most 16 (got {runs})"),
+            ));
+        }
+        opts.runs = runs;
+    }
+    if let Some(v) = options.get("vary") {
+        let v = v
+            .try_clone()
+            .map_err(|e| BusError::new(INVALID_ARGS, format!("vary: {e}")))?;
+        let list = Vec::<String>::try_from(v).map_err(|_| {
+            BusError::new(INVALID_ARGS, "option vary must be a list of strings (as)")
+        })?;
+        opts.vary =
+            repro::parse_vary(&list).map_err(|e| BusError::new(INVALID_ARGUMENT, e.to_string()))?;
+    }
+    Ok(opts)
+}
+
+/// Runs the verification on a blocking thread: `Ok((status, exit_code,
+/// Some(reason)))`, the run's final state by the verdict (the control build's
+/// own final fact said only that the build passed), or `Err(reason)` when it
+/// could not complete.
+pub fn execute(
+    cfg: &EngineConfig,
+    run_id: Ulid,
+    plan: Plan,
+    fd_secrets: BTreeMap<String, OwnedFd>,
+    opts: &VerifyOptions,
+    sink: &mut dyn FnMut(FactBody),
+    cancel: &CancelHandle,
+) -> Result<(RunStatus, Option<i32>, Option<String>), String> {
+    match repro::verify(cfg, run_id, plan, fd_secrets, opts, sink, cancel) {
+        Ok(v) => {
+            tracing::info!(reproducible = v.reproducible, culprit = ?v.culprit, "verification finished");
+            if v.reproducible {
+                let reason = format!(
+                    "reproducible: {} artifact(s) identical in {} builds",
+                    v.artifacts_compared, v.runs
+                );
+                return Ok((RunStatus::Passed, Some(0), Some(reason)));
+            }
+            let paths: Vec<&str> = v.differing.iter().map(|d| d.path.as_str()).collect();
+            let why = match (&v.culprit, v.nondeterministic) {
+                (Some(c), _) => format!("culprit {c}"),
+                (None, true) => "nondeterministic (differs with no variation)".to_owned(),
+                (None, false) if !v.culprits.is_empty() => {
+                    format!("culprits {}", v.culprits.join(", "))
+                }
+                (None, false) => "no single culprit found".to_owned(),
+            };
+            Ok((
+                RunStatus::Failed,
+                Some(1),
+                Some(format!(
+                    "not reproducible: {} differ; {why}",
+                    paths.join(", ")
+                )),
+            ))
+        }
+        Err(_) if cancel.is_cancelled() => {
+            Ok((RunStatus::Cancelled, None, Some("cancelled".into())))
+        }
+        Err(e) => Err(format!("verification failed: {e}")),
+    }
+}
