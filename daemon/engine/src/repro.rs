@@ -19,7 +19,7 @@
 use crate::artifacts::{Cas, CollectedArtifact};
 use crate::runner::{self, CancelHandle, EngineConfig, EngineError, RunRequest, SandboxVariation};
 use liminal_facts::{
-    new_id, ArtifactDifference, FactBody, ReproVerdictFact, RunStatus, Timestamp, Ulid,
+    new_id, ArtifactDifference, FactBody, ReproVerdictFact, RunFact, RunStatus, Timestamp, Ulid,
 };
 use liminal_plan::{Mount, Plan};
 use std::collections::{BTreeMap, BTreeSet};
@@ -267,6 +267,31 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// The verdict in one line (the run's reason).
+    pub fn summary(&self) -> String {
+        if self.reproducible {
+            return format!(
+                "reproducible: {} artifact(s) identical in {} builds",
+                self.artifacts_compared, self.runs
+            );
+        }
+        let paths: Vec<&str> = self.differing.iter().map(|d| d.path.as_str()).collect();
+        let why = match (&self.culprit, self.nondeterministic) {
+            (Some(c), _) => format!("culprit {c}"),
+            (None, true) => "nondeterministic (differs with nothing varied)".to_owned(),
+            (None, false) if !self.culprits.is_empty() => {
+                format!("culprits {}", self.culprits.join(", "))
+            }
+            (None, false) if paths.is_empty() => "a varied build did not pass".to_owned(),
+            (None, false) => "no single culprit found".to_owned(),
+        };
+        if paths.is_empty() {
+            format!("not reproducible: {why}")
+        } else {
+            format!("not reproducible: {} differ; {why}", paths.join(", "))
+        }
+    }
+
     pub fn to_fact(&self) -> ReproVerdictFact {
         ReproVerdictFact {
             fact_id: new_id(),
@@ -687,8 +712,12 @@ fn build_all(
 }
 
 /// Builds the plan `opts.runs` times (the control plus varied builds, at the
-/// same time), compares artifacts, searches the culprit, and emits the
-/// control build's facts and then the verdict through `sink`.
+/// same time), compares artifacts, searches the culprit, and emits through
+/// `sink` the control build's facts under `run_id`, then the verdict, then
+/// the run's final fact: `passed` when reproducible, else `failed`, with the
+/// verdict in words as its reason. (The control's own final fact is held
+/// back until then, so a watcher never sees the run end before its verdict;
+/// when the verification fails it is released as it was.)
 pub fn verify(
     cfg: &EngineConfig,
     run_id: Ulid,
@@ -700,6 +729,41 @@ pub fn verify(
 ) -> Result<Verdict, ReproError> {
     let span = tracing::info_span!("verify", %run_id, plan = %plan.name);
     let _e = span.enter();
+    let mut held: Option<RunFact> = None;
+    let result = verify_inner(cfg, run_id, plan, fd_secrets, opts, sink, &mut held, cancel);
+    match (&result, held) {
+        (Ok(v), Some(mut last)) => {
+            sink(FactBody::ReproVerdict(v.to_fact()));
+            let now = Timestamp::now();
+            last.fact_id = new_id();
+            last.status = if v.reproducible {
+                RunStatus::Passed
+            } else {
+                RunStatus::Failed
+            };
+            last.reason = Some(v.summary());
+            last.finished_at = Some(now);
+            last.valid_at = now;
+            sink(FactBody::Run(last));
+        }
+        (Ok(v), None) => sink(FactBody::ReproVerdict(v.to_fact())),
+        (Err(_), Some(last)) => sink(FactBody::Run(last)),
+        (Err(_), None) => {}
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn verify_inner(
+    cfg: &EngineConfig,
+    run_id: Ulid,
+    plan: Plan,
+    fd_secrets: BTreeMap<String, OwnedFd>,
+    opts: &VerifyOptions,
+    sink: &mut dyn FnMut(FactBody),
+    held: &mut Option<RunFact>,
+    cancel: &CancelHandle,
+) -> Result<Verdict, ReproError> {
     if opts.runs < 2 {
         return Err(ReproError::Runs(opts.runs));
     }
@@ -748,9 +812,13 @@ pub fn verify(
                 ))
             }
         });
-        let control = secrets
-            .fresh()
-            .and_then(|fds| build_one(cfg, &control_spec, run_id, fds, sink, cancel));
+        let control = secrets.fresh().and_then(|fds| {
+            let mut control_sink = |f: FactBody| match f {
+                FactBody::Run(r) if r.finished_at.is_some() => *held = Some(r),
+                other => sink(other),
+            };
+            build_one(cfg, &control_spec, run_id, fds, &mut control_sink, cancel)
+        });
         let others = handle.join().ok().flatten();
         (control, others)
     });
@@ -867,7 +935,6 @@ pub fn verify(
         culprit = ?verdict.culprit,
         "verification finished"
     );
-    sink(FactBody::ReproVerdict(verdict.to_fact()));
     Ok(verdict)
 }
 

@@ -55,8 +55,8 @@ pub fn options(options: &HashMap<String, OwnedValue>) -> Result<VerifyOptions, B
 }
 
 /// Runs the verification on a blocking thread: `Ok((status, exit_code,
-/// Some(reason)))`, the run's final state by the verdict (the control build's
-/// own final fact said only that the build passed), or `Err(reason)` when it
+/// None))` (the engine emitted the final fact), `Ok((cancelled, _,
+/// Some(reason)))` for a final fact still to add, or `Err(reason)` when it
 /// could not complete.
 pub fn execute(
     cfg: &EngineConfig,
@@ -68,32 +68,15 @@ pub fn execute(
     cancel: &CancelHandle,
 ) -> Result<(RunStatus, Option<i32>, Option<String>), String> {
     match repro::verify(cfg, run_id, plan, fd_secrets, opts, sink, cancel) {
+        // The engine already emitted the verdict and the run's final fact.
         Ok(v) => {
             tracing::info!(reproducible = v.reproducible, culprit = ?v.culprit, "verification finished");
-            if v.reproducible {
-                let reason = format!(
-                    "reproducible: {} artifact(s) identical in {} builds",
-                    v.artifacts_compared, v.runs
-                );
-                return Ok((RunStatus::Passed, Some(0), Some(reason)));
-            }
-            let paths: Vec<&str> = v.differing.iter().map(|d| d.path.as_str()).collect();
-            let why = match (&v.culprit, v.nondeterministic) {
-                (Some(c), _) => format!("culprit {c}"),
-                (None, true) => "nondeterministic (differs with no variation)".to_owned(),
-                (None, false) if !v.culprits.is_empty() => {
-                    format!("culprits {}", v.culprits.join(", "))
-                }
-                (None, false) => "no single culprit found".to_owned(),
+            let status = if v.reproducible {
+                RunStatus::Passed
+            } else {
+                RunStatus::Failed
             };
-            Ok((
-                RunStatus::Failed,
-                Some(1),
-                Some(format!(
-                    "not reproducible: {} differ; {why}",
-                    paths.join(", ")
-                )),
-            ))
+            Ok((status, Some(i32::from(!v.reproducible)), None))
         }
         Err(_) if cancel.is_cancelled() => {
             Ok((RunStatus::Cancelled, None, Some("cancelled".into())))

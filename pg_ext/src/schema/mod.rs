@@ -12,6 +12,14 @@ pgrx::extension_sql_file!(
     requires = ["liminal_schema", new_ulid]
 );
 
+// Reproducibility views (issue 6); idempotent, also appended to the upgrade script.
+#[cfg(not(feature = "v0_1"))]
+pgrx::extension_sql_file!(
+    "repro.sql",
+    name = "liminal_repro",
+    requires = ["liminal_functions"]
+);
+
 // 0.2.0's changes, shared with the upgrade script so both paths agree.
 #[cfg(not(feature = "v0_1"))]
 pgrx::extension_sql_file!(
@@ -29,3 +37,5 @@ fn new_ulid() -> String {
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;
+#[cfg(any(test, feature = "pg_test"))]
+mod repro_tests;
