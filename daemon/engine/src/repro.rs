@@ -197,6 +197,8 @@ pub struct VerifyOptions {
     pub vary: Vec<Variation>,
     /// Search for the responsible variation when the builds differ.
     pub culprit_search: bool,
+    /// Store a diffoscope report per differing artifact, when installed.
+    pub diffoscope: bool,
     /// Builds run at the same time.
     pub parallel: usize,
 }
@@ -207,6 +209,7 @@ impl Default for VerifyOptions {
             runs: 2,
             vary: Variation::ALL.to_vec(),
             culprit_search: true,
+            diffoscope: true,
             parallel: default_parallel(),
         }
     }
@@ -874,7 +877,7 @@ fn verify_inner(
     let reproducible = differing.is_empty() && !failed_build;
 
     // Diffoscope reports, stored in the CAS.
-    if !differing.is_empty() {
+    if !differing.is_empty() && opts.diffoscope {
         match (&tools.diffoscope, Cas::open(&cfg.state_dir.join("cas"))) {
             (Some(bin), Ok(cas)) => {
                 for d in differing.iter_mut() {

@@ -198,8 +198,19 @@ fn assert_culprit(kind: &str, want: &str) {
         v.culprits
     );
     assert_eq!(d.culprits, vec![want.to_owned()]);
-    // The verdict fact closes the stream and says the same.
+    // The run ends failed, right after the verdict fact, which says the same.
     match facts.last() {
+        Some(FactBody::Run(r)) => {
+            assert_eq!(r.status, RunStatus::Failed);
+            let reason = r.reason.as_deref().unwrap_or("");
+            assert!(
+                reason.contains(want) && reason.contains("not reproducible"),
+                "{reason}"
+            );
+        }
+        other => panic!("last fact {other:?}"),
+    }
+    match facts.iter().rev().nth(1) {
         Some(FactBody::ReproVerdict(f)) => {
             assert!(!f.reproducible);
             assert_eq!(f.culprit.as_deref(), Some(want));
@@ -240,11 +251,12 @@ fn reproducible_build_passes_under_all_variations() {
             _ => None,
         })
         .collect();
-    assert_eq!(finals.len(), 1, "one run fact per verification");
+    assert_eq!(finals.len(), 1, "one final run fact per verification");
+    assert!(matches!(facts.last(), Some(FactBody::Run(r)) if r.status == RunStatus::Passed));
     assert_eq!(finals[0].run_id, run_id);
     assert_eq!(finals[0].status, RunStatus::Passed);
     assert!(
-        matches!(facts.last(), Some(FactBody::ReproVerdict(f)) if f.reproducible && f.run_id == run_id)
+        matches!(facts.iter().rev().nth(1), Some(FactBody::ReproVerdict(f)) if f.reproducible && f.run_id == run_id)
     );
     // Varied builds really differ in their inputs.
     assert_ne!(v.builds[0].input_digest, v.builds[1].input_digest);

@@ -76,6 +76,13 @@ enum Cmd {
         local: bool,
         #[arg(long)]
         json: bool,
+        /// Only compare; do not rebuild one variation at a time to find
+        /// the culprit.
+        #[arg(long)]
+        no_culprit_search: bool,
+        /// No diffoscope reports of the differing artifacts.
+        #[arg(long)]
+        no_diffoscope: bool,
     },
     /// List the runs the daemon knows.
     List {
@@ -187,11 +194,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             vary,
             local: true,
             json,
+            no_culprit_search,
+            no_diffoscope,
         } => verify::local(&verify::Args {
             plan: &plan,
             runs,
             vary,
             json,
+            culprit_search: !no_culprit_search,
+            diffoscope: !no_diffoscope,
         }),
         cmd => {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -248,6 +259,8 @@ async fn remote(addr: Option<String>, cmd: Cmd) -> anyhow::Result<u8> {
             runs,
             vary,
             json,
+            no_culprit_search,
+            no_diffoscope,
             ..
         } => {
             let args = verify::Args {
@@ -255,6 +268,8 @@ async fn remote(addr: Option<String>, cmd: Cmd) -> anyhow::Result<u8> {
                 runs,
                 vary,
                 json,
+                culprit_search: !no_culprit_search,
+                diffoscope: !no_diffoscope,
             };
             verify::remote(&conn, &mgr, &args).await
         }

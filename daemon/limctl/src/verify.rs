@@ -23,6 +23,8 @@ pub struct Args<'a> {
     pub runs: u32,
     pub vary: Vec<String>,
     pub json: bool,
+    pub culprit_search: bool,
+    pub diffoscope: bool,
 }
 
 /// In this process, without the daemon (state as `limctl run --local`).
@@ -31,6 +33,8 @@ pub fn local(args: &Args<'_>) -> anyhow::Result<u8> {
     let opts = VerifyOptions {
         runs: args.runs,
         vary: repro::parse_vary(&args.vary).map_err(|e| fail(2, e.to_string()))?,
+        culprit_search: args.culprit_search,
+        diffoscope: args.diffoscope,
         ..VerifyOptions::default()
     };
     let cfg = crate::local::config();
@@ -91,6 +95,12 @@ pub async fn remote(
     options.insert("runs", ZValue::from(args.runs));
     if !vary.is_empty() {
         options.insert("vary", ZValue::from(vary));
+    }
+    if !args.culprit_search {
+        options.insert("culprit_search", ZValue::from(false));
+    }
+    if !args.diffoscope {
+        options.insert("diffoscope", ZValue::from(false));
     }
     let (run_id, path) = mgr
         .verify_reproducible(&text, HashMap::<String, zvariant::OwnedFd>::new(), options)

@@ -19,8 +19,8 @@ use zbus::zvariant::OwnedValue;
 /// D-Bus error for a variation name the engine does not know.
 pub const INVALID_ARGUMENT: &str = "org.liminalqa.Liminal1.Error.InvalidArgument";
 
-/// Reads `runs` (u) and `vary` (as) from the call's options; other keys
-/// (`plan_path`) are the caller's business.
+/// Reads `runs` (u), `vary` (as), `culprit_search` (b) and `diffoscope` (b)
+/// from the call's options; other keys (`plan_path`) are the caller's business.
 pub fn options(options: &HashMap<String, OwnedValue>) -> Result<VerifyOptions, BusError> {
     let mut opts = VerifyOptions::default();
     if let Some(v) = options.get("runs") {
@@ -40,6 +40,16 @@ pub fn options(options: &HashMap<String, OwnedValue>) -> Result<VerifyOptions, B
             ));
         }
         opts.runs = runs;
+    }
+    for (key, slot) in [
+        ("culprit_search", &mut opts.culprit_search),
+        ("diffoscope", &mut opts.diffoscope),
+    ] {
+        if let Some(v) = options.get(key) {
+            *slot = bool::try_from(v).map_err(|_| {
+                BusError::new(INVALID_ARGS, format!("option {key} must be a boolean (b)"))
+            })?;
+        }
     }
     if let Some(v) = options.get("vary") {
         let v = v
