@@ -21,8 +21,9 @@ set -euo pipefail
 REPS=${1:-3}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target}
-VARY=build_path,domain_host,time,umask,locales,timezone,num_cpus,environment,home,exec_path,aslr,kernel,fileordering
-RT_VARY="-all,$(echo "$VARY" | sed 's/\([a-z_]*\)/+\1/g')"
+ALL_VARY=build_path,domain_host,time,umask,locales,timezone,num_cpus,environment,home,exec_path,aslr,kernel,fileordering
+rt_vary() { echo "-all,$(echo "$1" | sed 's/\([a-z_]*\)/+\1/g')"; }
+VARY=$ALL_VARY
 KINDS=${KINDS:-"reproducible date hostname build_path umask num_cpus random"}
 
 command -v reprotest >/dev/null || { echo "reprotest not installed (apt-get install reprotest)" >&2; exit 2; }
@@ -57,7 +58,7 @@ reprotest_run() { # KIND EXTRA...: prints "exit seconds"; output in $work/rt.log
     cp -r "$fixtures" "$work/src"
     local t0 rc=0
     t0=$(now)
-    (cd "$work/src" && reprotest "$@" --vary="$RT_VARY" \
+    (cd "$work/src" && reprotest "$@" --vary="$(rt_vary "$VARY")" \
         -c "PATH=$work/bb:\$PATH FIXTURE_SRC=. sh build.sh $kind" . 'out/*.tar.gz') >"$work/rt.log" 2>&1 || rc=$?
     echo "$rc $(echo "$(now) - $t0" | bc)"
 }
@@ -108,11 +109,17 @@ out=$repo/benches/repro/results.txt
 {
     echo "# benches/repro/run.sh $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) CPUs, $(uname -r); reps=$REPS"
     echo "# reprotest $(dpkg-query -W -f '${Version}' reprotest 2>/dev/null), limctl $(git -C "$repo" rev-parse --short HEAD)"
-    echo "# variations (both): $VARY"
+    echo "# variations (both): $ALL_VARY"
+} | tee "$out"
+# The check twice: with every variation, and without time (whose wall-clock
+# second costs limctl up to 1 s of waiting; see docs/reproducibility.md).
+for VARY in "$ALL_VARY" "${ALL_VARY/time,/}"; do
+{
     echo
     echo "## check: two builds, compare (no diffoscope, no culprit search); median wall seconds"
+    echo "## vary: $VARY"
     printf '%-13s %12s %12s %7s  %-18s %-18s %s\n' fixture reprotest limctl ratio reprotest-verdict limctl-verdict same
-} | tee "$out"
+} | tee -a "$out"
 for k in $KINDS; do
     rts=() lims=() rtv="" limv=""
     for _ in $(seq "$REPS"); do
@@ -126,6 +133,8 @@ for k in $KINDS; do
     same=$([ "$rtv" = "$limv" ] && echo yes || echo NO)
     printf '%-13s %12.3f %12.3f %6.1fx  %-18s %-18s %s\n' "$k" "$rt" "$li" "$(echo "$rt / $li" | bc -l)" "$rtv" "$limv" "$same" | tee -a "$out"
 done
+done
+VARY=$ALL_VARY
 {
     echo
     echo "## explain: find the culprit (reprotest --auto-build vs limctl verify), once; wall seconds"

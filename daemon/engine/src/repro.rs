@@ -1082,7 +1082,7 @@ fn diffoscope(
     let name = Path::new(path)
         .file_name()
         .map_or_else(|| "artifact".into(), |n| n.to_owned());
-    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    let (da, db) = (dir.path().join("control"), dir.path().join("varied"));
     std::fs::create_dir_all(&da).ok()?;
     std::fs::create_dir_all(&db).ok()?;
     let (fa, fb) = (da.join(&name), db.join(&name));

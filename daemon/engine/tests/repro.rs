@@ -198,6 +198,23 @@ fn assert_culprit(kind: &str, want: &str) {
         v.culprits
     );
     assert_eq!(d.culprits, vec![want.to_owned()]);
+    // diffoscope's report is in the CAS when diffoscope is installed.
+    let has_diffoscope = std::process::Command::new("diffoscope")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if has_diffoscope {
+        let hex = d.report_blake3.as_deref().expect("a diffoscope report");
+        let cas = case.dir.path().join("state/cas").join(&hex[..2]).join(hex);
+        let report = std::fs::read_to_string(&cas).expect("report in the CAS");
+        assert!(report.contains("fixture.tar"), "{report}");
+    } else {
+        assert!(
+            v.notes.iter().any(|n| n.contains("diffoscope")),
+            "{:?}",
+            v.notes
+        );
+    }
     // The run ends failed, right after the verdict fact, which says the same.
     match facts.last() {
         Some(FactBody::Run(r)) => {
