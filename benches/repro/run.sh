@@ -78,7 +78,7 @@ rt_culprit() {
     if grep -q "Observed unreproducibility when varying each of the following" "$work/rt.log"; then
         sed -n '/Observed unreproducibility when varying each of the following/,/^The build/p' "$work/rt.log" |
             sed '1d;$d' | tr '\n' ',' | sed 's/,$//'
-    elif grep -q "even when fixing as much as it knows how to" "$work/rt.log"; then
+    elif grep -q "even when fixing as much as" "$work/rt.log"; then
         echo nondeterministic
     elif grep -q "Reproduction successful" "$work/rt.log"; then
         echo -
