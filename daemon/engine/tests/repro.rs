@@ -374,3 +374,33 @@ fn unknown_variation_is_a_typed_error() {
     );
     assert!(matches!(r, Err(ReproError::Runs(1))), "{r:?}");
 }
+
+#[test]
+fn every_variation_changes_what_it_names() {
+    // probe: one file per variation; each must be blamed on its own one.
+    let Some(case) = Case::new() else { return };
+    let (v, _) = case.verify("probe", "");
+    assert!(!v.reproducible);
+    assert!(!v.nondeterministic, "{:?}", v.differing);
+    let blamed: BTreeMap<&str, &Vec<String>> = v
+        .differing
+        .iter()
+        .map(|d| (d.path.trim_start_matches("out/probe/"), &d.culprits))
+        .collect();
+    for var in Variation::ALL {
+        let name = var.name();
+        if var == Variation::FileOrdering && v.skipped.iter().any(|s| s.starts_with("fileordering"))
+        {
+            continue;
+        }
+        let got = blamed
+            .get(name)
+            .unwrap_or_else(|| panic!("{name}: the probe file did not change: {blamed:?}"));
+        if var == Variation::Aslr {
+            // /proc/self/personality also shows kernel's UNAME26.
+            assert!(got.contains(&"aslr".to_owned()), "{name}: {got:?}");
+        } else {
+            assert_eq!(*got, &vec![name.to_owned()], "{name}");
+        }
+    }
+}
