@@ -2,6 +2,7 @@
 
 mod auth;
 mod daemon;
+mod delegate;
 mod engine_glue;
 mod error;
 mod fault;
@@ -166,12 +167,18 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| state_dir.join("cache"));
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+    // Before any run: the delegated cgroup root must hold no process.
+    let cgroup_parent = if args.cgroup_parent.is_empty() {
+        delegate::enter_leaf().unwrap_or_default()
+    } else {
+        args.cgroup_parent
+    };
     let engine = EngineConfig {
         state_dir: state_dir.join("engine"),
         cache_dir,
         helper: args.sandbox_helper.unwrap_or_else(default_helper),
         host: hostname(),
-        cgroup_parent: args.cgroup_parent,
+        cgroup_parent,
         credentials_dir: env_dir("CREDENTIALS_DIRECTORY"),
     };
     let engine = Arc::new(engine);
