@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The VM test: Liminal's Debian packages on a real systemd host.
-# Builds the two .debs (packaging/build-debs), layers them onto the cached
-# Debian 12 base image (vm-images/), boots it under qemu (TCG) and checks:
+# Builds the two .debs (packaging/build-debs), installs them on the cached
+# Debian 12 base booted in systemd-nspawn (vm-images/nspawn-check: the
+# maintainer scripts on a running host, bus policy, preload), then layers them
+# onto a disk image of the same base (vm-images/make-image), boots it under
+# qemu (TCG) and checks:
 #   1. liminald is active after boot (Type=notify: READY=1 really sent)
 #   2. the extension is preloaded and its ingest worker runs (CREATE EXTENSION)
 #   3. a run started with busctl by alice (group liminal) passes, and its
@@ -18,7 +21,8 @@
 #   tests/vm/run.sh
 # Environment: LIMINAL_VM_DEBS=DIR uses .debs already built there (no build);
 # LIMINAL_CACHE_DIR (base image cache), CARGO_TARGET_DIR, PGRX_TARGET_DIR,
-# PGRX_LOCK (see packaging/build-debs); LIMINAL_VM_KEEP=1 keeps the work dir.
+# PGRX_LOCK (see packaging/build-debs); LIMINAL_VM_KEEP=1 keeps the work dir;
+# LIMINAL_VM_NSPAWN=0 skips the nspawn stage.
 source "$(dirname "$0")/../../vm-images/lib.sh"
 [ "$(id -u)" = 0 ] || vm_die "tests/vm/run.sh needs root (debootstrap, chroot)"
 for tool in qemu-system-x86_64 debootstrap mkfs.ext4 cpio python3; do
@@ -47,6 +51,14 @@ fi
 t=$(date +%s.%N)
 "$vm_repo/vm-images/build-base" >/dev/null
 vm_say "base image ready in $(since "$t") s (cached in $vm_cache)"
+# Fast first: the packages installed on a running host, in nspawn.
+if [ "${LIMINAL_VM_NSPAWN:-1}" = 1 ] && command -v systemd-nspawn >/dev/null; then
+  t=$(date +%s.%N)
+  "$vm_repo/vm-images/nspawn-check" "$debs" || vm_die "nspawn checks failed (vm-images/nspawn-check)"
+  vm_say "nspawn checks passed in $(since "$t") s"
+else
+  vm_say "nspawn checks skipped (LIMINAL_VM_NSPAWN=0 or no systemd-nspawn)"
+fi
 t=$(date +%s.%N)
 "$vm_repo/vm-images/make-image" "$debs" "$work" >/dev/null
 vm_say "packages layered, disk written in $(since "$t") s"
