@@ -77,8 +77,7 @@ fn run(
                 SpoolMsg::Flush(tx) => flushes.push(tx),
             }
         }
-        let spooled = append_with_retry(spool, facts, full);
-        if !spooled.is_empty() && out.send(Announce::Batch(spooled)).is_err() {
+        if !append_with_retry(spool, facts, full, out) {
             return;
         }
         for tx in flushes {
@@ -87,24 +86,33 @@ fn run(
     }
 }
 
-/// Appends; on `Full` refuses admission facts and retries the rest (the
-/// engine's facts wait: a run in progress must not lose facts), on other
-/// errors retries after a pause.
+/// Appends all `facts`, in order, and hands each appended chunk, now with
+/// seqs, to the announcer at once (a consumer must see facts to acknowledge
+/// them and so make room for the rest). False once the announcer is gone.
+///
+/// On `Full` it refuses the admission facts (their callers report
+/// SpoolFull) and keeps the rest: the engine's facts wait, since a run in
+/// progress must not lose facts. It then appends the largest prefix that
+/// fits, halving the chunk, so a batch larger than the free space (or the
+/// whole quota) still goes in piece by piece as acknowledgements make room;
+/// only when a single fact does not fit does it pause. Other errors are
+/// retried after a pause.
 fn append_with_retry(
     spool: &Spool,
     mut facts: Vec<(FactBody, Option<Admit>)>,
     full: &AtomicBool,
-) -> Vec<Spooled> {
+    out: &mpsc::UnboundedSender<Announce>,
+) -> bool {
     let mut pause = Duration::from_millis(50);
-    loop {
-        if facts.is_empty() {
-            return Vec::new();
-        }
-        match spool.append(facts.iter().map(|(f, _)| f)) {
+    let mut chunk = facts.len();
+    while !facts.is_empty() {
+        chunk = chunk.clamp(1, facts.len());
+        match spool.append(facts[..chunk].iter().map(|(f, _)| f)) {
             Ok(receipt) => {
                 full.store(false, Ordering::Relaxed);
-                return facts
-                    .into_iter()
+                pause = Duration::from_millis(50);
+                let spooled: Vec<Spooled> = facts
+                    .drain(..chunk)
                     .zip(receipt.seqs())
                     .map(|((body, reply), seq)| {
                         if let Some(reply) = reply {
@@ -119,13 +127,18 @@ fn append_with_retry(
                         }
                     })
                     .collect();
+                if out.send(Announce::Batch(spooled)).is_err() {
+                    return false;
+                }
+                chunk = facts.len();
             }
             Err(e) => {
-                if matches!(e, SpoolError::Full { .. }) {
+                let is_full = matches!(e, SpoolError::Full { .. });
+                if is_full {
                     full.store(true, Ordering::Relaxed);
                 }
-                tracing::error!(error = %e, facts = facts.len(), "spool append failed; retrying");
                 // Admission facts fail fast; the caller reports SpoolFull.
+                let before = facts.len();
                 facts.retain_mut(|(_, reply)| match reply.take() {
                     Some(tx) => {
                         let _ = tx.send(Err(e.to_string()));
@@ -133,11 +146,22 @@ fn append_with_retry(
                     }
                     None => true,
                 });
+                if facts.len() < before {
+                    chunk = facts.len();
+                    continue;
+                }
+                if is_full && chunk > 1 {
+                    chunk /= 2;
+                    continue;
+                }
+                tracing::warn!(error = %e, facts = facts.len(), "spool append failed; retrying");
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_secs(2));
+                chunk = facts.len();
             }
         }
     }
+    true
 }
 
 /// Blocks until the spooler has durably written and announced everything
