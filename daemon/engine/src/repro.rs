@@ -784,6 +784,23 @@ fn verify_inner(
         source,
     })?;
     let _scratch_guard = RemoveOnDrop(scratch.clone());
+    let (mut vary, mut skipped) = (vary, skipped);
+    if vary.contains(&Variation::FileOrdering) {
+        // A FUSE mount can be refused (no /dev/fuse in a confined service):
+        // then say so instead of failing the whole verification.
+        let probe = tools.disorderfs.as_deref().and_then(|bin| {
+            let src = plan.mounts.iter().find(|m| m.source.is_dir())?;
+            Some(FuseMount::mount(
+                bin,
+                &src.source,
+                &scratch.join("disorder-probe"),
+            ))
+        });
+        if let Some(Err(e)) = probe {
+            vary.retain(|v| *v != Variation::FileOrdering);
+            skipped.push(format!("fileordering: disorderfs could not mount: {e}"));
+        }
+    }
 
     // First comparison: the control here (its facts are the run's), the
     // varied builds beside it.
