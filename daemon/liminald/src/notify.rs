@@ -17,6 +17,12 @@ pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }
 
+/// Tells systemd why the daemon is about to exit with a failure
+/// (STATUS and ERRNO, as systemctl status shows them).
+pub fn failing(status: &str, errno: u32) {
+    send(&[NotifyState::Status(status), NotifyState::Errno(errno)]);
+}
+
 fn send(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(false, states) {
         tracing::debug!(error = %e, "sd_notify failed");

@@ -132,6 +132,7 @@ fn append_with_retry(
                 }
                 chunk = facts.len();
             }
+            Err(SpoolError::Poisoned { reason }) => poisoned(&reason),
             Err(e) => {
                 let is_full = matches!(e, SpoolError::Full { .. });
                 if is_full {
@@ -162,6 +163,33 @@ fn append_with_retry(
         }
     }
     true
+}
+
+/// Exit status when the spool can no longer be trusted: EX_IOERR.
+pub const EXIT_SPOOL_POISONED: i32 = 74;
+
+/// A write or fsync of the spool failed: whether the batch reached the disk
+/// is unknown, and after a failed fsync the page cache cannot be trusted
+/// either (PostgreSQL's answer to the same problem is to crash and recover).
+/// So the daemon exits with a failure; systemd restarts it
+/// (Restart=on-failure) and recovery at start drops any torn tail, marks
+/// the interrupted runs and cleans their sandboxes, as after a kill -9.
+/// Facts announced before stay durable; the facts of this batch were never
+/// announced, so no consumer has seen them.
+fn poisoned(reason: &str) -> ! {
+    tracing::error!(
+        reason,
+        "the fact spool failed to write or sync; exiting so that a restart recovers it"
+    );
+    crate::notify::failing(
+        &format!("fact spool failed: {reason}; restarting to recover"),
+        libc_eio(),
+    );
+    std::process::exit(EXIT_SPOOL_POISONED)
+}
+
+fn libc_eio() -> u32 {
+    nix::errno::Errno::EIO as u32
 }
 
 /// Blocks until the spooler has durably written and announced everything

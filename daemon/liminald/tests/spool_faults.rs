@@ -1,14 +1,22 @@
-//! A full spool: a run that logs more than the quota holds while no consumer
-//! acknowledges. New runs are refused with `SpoolFull` (admission fails
-//! fast), the running run's facts wait instead of being dropped, and once
-//! the consumer acknowledges, the run finishes, new runs are admitted again,
-//! and every line the run printed is a fact, each exactly once. Real
-//! sandbox (busybox rootfs, liminal-sandbox helper), root.
+//! The spool under pressure, with real sandboxes (busybox rootfs,
+//! liminal-sandbox helper), root:
+//! - full: a run logs more than the quota holds while no consumer
+//!   acknowledges. New runs are refused with `SpoolFull` (admission fails
+//!   fast), the running run's facts wait instead of being dropped, and once
+//!   the consumer acknowledges, the run finishes, new runs are admitted
+//!   again, and every line the run printed is a fact, each exactly once.
+//! - failed writes: the spool's filesystem (a small tmpfs) runs out of space
+//!   below the quota. The daemon exits with EX_IOERR for systemd to restart
+//!   it; after the restart every announced fact is there and the run is
+//!   `interrupted`.
 
 mod common;
 
 use common::*;
+use futures_util::StreamExt;
 use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use zbus::zvariant::{self, Value};
 
@@ -152,5 +160,141 @@ fn full_spool_refuses_new_runs_and_loses_no_fact() {
                 }
             }
         }
+    });
+}
+
+/// A tmpfs mounted for the test, unmounted on drop (even on panic).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs at {}", at.display());
+        Tmpfs(at.to_owned())
+    }
+
+    fn resize(&self, size: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(st.success(), "remount {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn failed_spool_write_exits_for_a_restart_that_recovers() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP: needs root (tmpfs mount, real runs)");
+        return;
+    }
+    assert!(sandbox_helper().exists(), "liminal-sandbox not built");
+    let rootfs = busybox_rootfs();
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let sdir = state.path().join("s");
+    // 256 KiB of disk under a 1 MiB quota: the quota never refuses, the
+    // filesystem does (ENOSPC), as a disk filled by someone else would.
+    let fs = Tmpfs::mount(&sdir.join("spool"), "256k");
+    let mut d = Daemon::start(&bus, &sdir, &["--spool-quota", "1048576"], &[]);
+    let pad = "y".repeat(120);
+    let chatty = format!(
+        "[run]\nname = \"filler\"\nimage = \"{}\"\ncommand = [\"/bin/sh\", \"-c\", \"i=0; while [ $i -lt 4000 ]; do echo fill-$i-{pad}; i=$((i+1)); done\"]\ntimeout = \"120s\"\n[results]\nformat = \"exit-code\"\n",
+        rootfs.display()
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (run_id, announced) = rt.block_on(async {
+        let conn = client(&bus).await;
+        let proxy = zbus::Proxy::new(&conn, NAME, PATH, IFACE).await.unwrap();
+        let mut sig = proxy.receive_signal("FactsAppended").await.unwrap();
+        let opts: HashMap<&str, Value<'_>> = HashMap::new();
+        let fds: HashMap<&str, zvariant::Fd<'_>> = HashMap::new();
+        let (run_id, _): (String, zvariant::OwnedObjectPath) = proxy
+            .call("StartRun", &(chatty.as_str(), fds, opts))
+            .await
+            .expect("StartRun");
+        let mut announced: Vec<Wire> = Vec::new();
+        // Until the daemon goes away (the stream ends or goes quiet).
+        while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(5), sig.next()).await {
+            let (facts,): (Vec<Wire>,) = msg.body().deserialize().unwrap();
+            announced.extend(facts);
+        }
+        (run_id, announced)
+    });
+    let child = d.child.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "liminald kept running on a failed spool"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        status.code(),
+        Some(74),
+        "exit status (EX_IOERR)\n{}",
+        d.log_text()
+    );
+    assert!(
+        d.log_text().contains("fact spool failed"),
+        "{}",
+        d.log_text()
+    );
+    assert!(
+        !announced.is_empty(),
+        "some facts were announced before the disk filled"
+    );
+    d.child = None;
+
+    // The operator (or systemd, after making room) restarts it.
+    fs.resize("16m");
+    let _d2 = Daemon::start(&bus, &sdir, &["--spool-quota", "1048576"], &[]);
+    rt.block_on(async {
+        let conn = client(&bus).await;
+        let proxy = zbus::Proxy::new(&conn, NAME, PATH, IFACE).await.unwrap();
+        let mut replay: Vec<Wire> = Vec::new();
+        let mut after = 0u64;
+        loop {
+            let page: Vec<Wire> = proxy
+                .call("FactsSince", &(after, 10_000u32))
+                .await
+                .expect("FactsSince");
+            match page.last() {
+                Some(last) => after = last.0,
+                None => break,
+            }
+            replay.extend(page);
+        }
+        for fact in &announced {
+            assert!(replay.contains(fact), "announced fact {} lost", fact.0);
+        }
+        let json: String = proxy
+            .call("GetRun", &(run_id.as_str(),))
+            .await
+            .expect("GetRun");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["status"], "interrupted", "{json}");
     });
 }
