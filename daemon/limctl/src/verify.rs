@@ -156,7 +156,7 @@ pub fn print(run: &Value, json: bool) {
     let s = |v: &Value| v.as_str().unwrap_or("").to_owned();
     let list = |v: &Value| {
         v.as_array()
-            .map(|a| a.iter().map(|x| s(x)).collect::<Vec<_>>().join(", "))
+            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
             .unwrap_or_default()
     };
     let r = &run["repro"];
