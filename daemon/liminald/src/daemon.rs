@@ -32,6 +32,8 @@ pub enum OnStop {
 pub struct Settings {
     pub max_concurrent: usize,
     pub queue_depth: u32,
+    /// Finished run records kept at most (oldest evicted first).
+    pub keep_runs: usize,
     pub on_stop: OnStop,
     pub engine: Arc<EngineConfig>,
     pub auth: Authorizer,
@@ -419,6 +421,25 @@ impl Shared {
         }
     }
 
+    /// Drops the oldest finished run records beyond `keep_runs` and returns
+    /// their ids (the caller removes their D-Bus objects). Runs that are
+    /// queued or running are never evicted. Ids are ULIDs, so map order is
+    /// start order.
+    pub fn evict_finished(&self) -> Vec<Ulid> {
+        let mut runs = lock(&self.runs);
+        let finished: Vec<Ulid> = runs
+            .iter()
+            .filter(|(_, r)| r.status.is_final())
+            .map(|(id, _)| *id)
+            .collect();
+        let excess = finished.len().saturating_sub(self.settings.keep_runs);
+        let evicted: Vec<Ulid> = finished.into_iter().take(excess).collect();
+        for id in &evicted {
+            runs.remove(id);
+        }
+        evicted
+    }
+
     /// Folds announced facts into the run records and returns, per run,
     /// which properties moved.
     fn fold(&self, batch: &[Spooled]) -> BTreeMap<Ulid, crate::state::Changed> {
@@ -464,6 +485,9 @@ pub async fn announcer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Anno
                         service::emit_run_changes(&shared, conn, &id, changed).await;
                     }
                     service::emit_last_seq(conn, shared.spool.last_seq()).await;
+                    for id in shared.evict_finished() {
+                        service::unexport_run(conn, &id).await;
+                    }
                 }
                 for tx in flushes {
                     let _ = tx.send(());

@@ -33,7 +33,7 @@ impl BusError {
         }
     }
     pub fn not_found(run_id: &str) -> Self {
-        Self::new(NOT_FOUND, format!("no run with id {run_id}"))
+        Self::new(NOT_FOUND, format!("no run with id {run_id} (the daemon keeps the latest --keep-runs finished runs; older ones are in the database: liminal.runs)"))
     }
     pub fn failed(message: impl Into<String>) -> Self {
         Self::new(FAILED, message)

@@ -42,6 +42,11 @@ struct Args {
     /// Runs waiting for a slot before StartRun answers QueueFull.
     #[arg(long, env = "LIMINAL_QUEUE_DEPTH", default_value_t = 256)]
     queue_depth: u32,
+    /// Finished runs kept in memory (and as D-Bus objects) at most; the
+    /// oldest go first. Their facts stay in the spool until acknowledged
+    /// and in the database for good.
+    #[arg(long, env = "LIMINAL_KEEP_RUNS", default_value_t = 1000)]
+    keep_runs: usize,
     /// On SIGTERM: let running runs finish, or cancel them.
     #[arg(long, env = "LIMINAL_ON_STOP", value_enum, default_value = "finish")]
     on_stop: OnStop,
@@ -211,6 +216,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let settings = Settings {
         max_concurrent: args.max_concurrent.max(1),
         queue_depth: args.queue_depth,
+        keep_runs: args.keep_runs,
         on_stop: args.on_stop,
         engine,
         auth: auth::Authorizer {
@@ -242,6 +248,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .await
         .context("connecting to the bus")?;
     let _ = shared.conn.set(conn.clone());
+    // Records recovered from the spool obey the same bound as live ones.
+    let _ = shared.evict_finished();
     service::export_runs(&shared, &conn).await;
     tokio::spawn(daemon::announcer(Arc::clone(&shared), ann_rx));
     // Interrupted runs: spooled before we take the name, so a client that

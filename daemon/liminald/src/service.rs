@@ -453,6 +453,17 @@ pub async fn emit_last_seq(conn: &Connection, last_seq: u64) {
 }
 
 /// Exports an object for every run known at start (recovered from the spool).
+/// Removes the D-Bus object of a run whose record was evicted.
+pub async fn unexport_run(conn: &Connection, id: &Ulid) {
+    if let Err(e) = conn
+        .object_server()
+        .remove::<RunObject, _>(run_path(id))
+        .await
+    {
+        tracing::debug!(run_id = %id, error = %e, "run object already gone");
+    }
+}
+
 pub async fn export_runs(shared: &Arc<Shared>, conn: &Connection) {
     for run_id in shared.run_ids() {
         let obj = RunObject {

@@ -416,3 +416,63 @@ fn announced_facts_survive_kill9() {
         assert_eq!(runs.len(), 20);
     });
 }
+
+#[test]
+fn finished_runs_beyond_keep_runs_are_evicted_oldest_first() {
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let sdir = state.path().join("s");
+    let mut d = Daemon::start(&bus, &sdir, &["--keep-runs", "5"], &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ids = rt.block_on(async {
+        let conn = client(&bus).await;
+        let proxy = zbus::Proxy::new(&conn, NAME, PATH, IFACE).await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..12 {
+            // The image does not exist: each run fails at once (final).
+            let plan = OK_PLAN.replace("smoke", &format!("evict-{i}"));
+            let opts: HashMap<&str, Value<'_>> = HashMap::new();
+            let fds: HashMap<&str, zvariant::Fd<'_>> = HashMap::new();
+            let (id, _): (String, zvariant::OwnedObjectPath) = proxy
+                .call("StartRun", &(plan.as_str(), fds, opts))
+                .await
+                .unwrap();
+            ids.push(id);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let runs: Vec<(String, String, String, String, u64)> =
+                proxy.call("ListRuns", &()).await.unwrap();
+            let active: u32 = proxy.get_property("ActiveRuns").await.unwrap();
+            let queued: u32 = proxy.get_property("QueuedRuns").await.unwrap();
+            if runs.len() == 5 && active == 0 && queued == 0 {
+                let mut listed: Vec<String> = runs.into_iter().map(|r| r.0).collect();
+                listed.sort();
+                assert_eq!(listed, ids[7..].to_vec(), "the newest five are kept");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ListRuns never shrank to 5: {runs:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ids
+    });
+    // An evicted run: NotFound pointing at the database, and no object.
+    let (ok, _, err) = call(&bus, "GetRun", &["s", &ids[0]]);
+    assert!(!ok && err.contains("liminal.runs"), "{err}");
+    let out = busctl(&bus, &["tree", NAME]);
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !tree.contains(&ids[0]),
+        "evicted run still exported:\n{tree}"
+    );
+    assert!(tree.contains(&ids[11]), "kept run not exported:\n{tree}");
+    // After a restart the records recovered from the spool obey the bound too.
+    d.term();
+    let _d2 = Daemon::start(&bus, &sdir, &["--keep-runs", "3"], &[]);
+    let (ok, out, err) = call(&bus, "ListRuns", &[]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("a(sssst) 3 "), "{out}");
+}
