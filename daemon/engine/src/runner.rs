@@ -1249,5 +1249,66 @@ pub fn cleanup_orphans(cfg: &EngineConfig) -> Result<CleanupReport, EngineError>
             }
         }
     }
+    // Reproducibility checks' scratch folders, with the disorderfs views a
+    // killed check left mounted in them (detached first: removing a folder
+    // under a live FUSE mount would walk into the mounted tree).
+    let repro = cfg.state_dir.join("repro");
+    if repro.is_dir() {
+        for m in mounts_under(&repro) {
+            if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+                report
+                    .errors
+                    .push(format!("unmounting {}: {e}", m.display()));
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(&repro) {
+            for e in rd.flatten() {
+                match std::fs::remove_dir_all(e.path()) {
+                    Ok(()) => report
+                        .runs
+                        .push(e.file_name().to_string_lossy().into_owned()),
+                    Err(err) => report
+                        .errors
+                        .push(format!("removing {}: {err}", e.path().display())),
+                }
+            }
+        }
+    }
     Ok(report)
+}
+
+/// Mount points at or below `dir`, deepest first (from /proc/self/mountinfo;
+/// its octal escapes of spaces and the like are decoded).
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out.dedup();
+    out
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

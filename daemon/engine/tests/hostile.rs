@@ -797,6 +797,39 @@ fn crashed_helper_leftovers_are_cleaned_by_cleanup_orphans() {
     assert!(!st.success(), "the orphan's process was killed");
 }
 
+#[test]
+fn killed_reproducibility_check_leftovers_are_cleaned_by_cleanup_orphans() {
+    let Some(c) = Case::new() else { return };
+    // What a verification killed mid-way leaves: its scratch folder with a
+    // file-order view still mounted in it (a tmpfs stands in for disorderfs;
+    // the cleanup treats every mount there alike). The name has a space,
+    // which /proc/self/mountinfo escapes.
+    let cfg = c.config();
+    let scratch = cfg.state_dir.join("repro/01KILLEDCHECK0000000000000");
+    let view = scratch.join("disorder varied-1");
+    std::fs::create_dir_all(&view).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&view)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount");
+    std::fs::write(view.join("inside"), "x").unwrap();
+    let report = runner::cleanup_orphans(&cfg).expect("cleanup");
+    let still_mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains("disorder\\040varied-1");
+    if still_mounted {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&view)
+            .status();
+    }
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(!still_mounted, "the view is still mounted");
+    assert!(!scratch.exists(), "the scratch folder is still there");
+}
+
 fn own_memory_cgroup() -> String {
     let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
     text.lines()
