@@ -51,7 +51,9 @@ impl Bus {
             ),
         )
         .unwrap();
-        let mut child = Command::new("dbus-daemon")
+        let mut child = Command::new("dbus-daemon");
+        die_with_test(&mut child);
+        let mut child = child
             .arg(format!("--config-file={}", conf.display()))
             .args(["--print-address", "--nofork"])
             .stdout(Stdio::piped())
@@ -78,6 +80,21 @@ impl Drop for Bus {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The child gets SIGKILL when the test's thread ends, however it ends: a
+/// test killed by a timeout or a signal runs no `Drop` and would otherwise
+/// leave its daemons running.
+pub fn die_with_test(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork
+    // and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
     }
 }
 
@@ -120,6 +137,7 @@ impl Daemon {
             .open(log)
             .unwrap();
         let mut cmd = Command::new(liminald_bin());
+        die_with_test(&mut cmd);
         cmd.arg("--bus-address")
             .arg(&bus.address)
             .arg("--state-dir")
