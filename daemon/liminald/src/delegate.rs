@@ -18,7 +18,7 @@ const LEAF: &str = "daemon";
 /// Moves this process into `<own cgroup>/daemon` when that is needed and
 /// possible; returns the cgroup runs must nest under (the unit root), or
 /// `None` to keep the default (hybrid or v1 hosts, not a systemd service,
-/// or the move failed: logged).
+/// other processes in the unit's cgroup, or the move failed: logged).
 pub fn enter_leaf() -> Option<String> {
     // Started by systemd as a unit (not a test, not a shell).
     std::env::var_os("INVOCATION_ID")?;
@@ -32,7 +32,15 @@ pub fn enter_leaf() -> Option<String> {
     if !own.ends_with(".service") {
         return None;
     }
-    let leaf = Path::new(ROOT).join(own.trim_start_matches('/')).join(LEAF);
+    let unit = Path::new(ROOT).join(own.trim_start_matches('/'));
+    // Only when the unit is ours alone: moving out must leave its root empty
+    // (not, say, a CI runner's service whose other processes stay there).
+    let me = std::process::id().to_string();
+    let procs = std::fs::read_to_string(unit.join("cgroup.procs")).ok()?;
+    if procs.lines().any(|p| p.trim() != me) {
+        return None;
+    }
+    let leaf = unit.join(LEAF);
     let moved = std::fs::create_dir_all(&leaf)
         .and_then(|()| std::fs::write(leaf.join("cgroup.procs"), "0"));
     match moved {
