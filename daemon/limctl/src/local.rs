@@ -16,6 +16,20 @@ fn home_cache() -> PathBuf {
         .join(".cache/liminal")
 }
 
+/// Default state and cache folders. The sandbox's mapped ids must traverse
+/// them, and root's home is 0700 on Debian, so root (who runs sandboxes)
+/// gets system folders of its own, apart from liminald's /var/lib/liminal.
+fn default_dirs() -> (PathBuf, PathBuf) {
+    if nix::unistd::Uid::effective().is_root() {
+        (
+            PathBuf::from("/var/lib/limctl"),
+            PathBuf::from("/var/cache/limctl"),
+        )
+    } else {
+        (home_cache().join("state"), home_cache())
+    }
+}
+
 fn env_path(var: &str) -> Option<PathBuf> {
     std::env::var_os(var)
         .filter(|v| !v.is_empty())
@@ -23,8 +37,9 @@ fn env_path(var: &str) -> Option<PathBuf> {
 }
 
 pub fn config() -> EngineConfig {
-    let state_dir = env_path("LIMINAL_STATE_DIR").unwrap_or_else(|| home_cache().join("state"));
-    let cache_dir = env_path("LIMINAL_CACHE_DIR").unwrap_or_else(home_cache);
+    let (default_state, default_cache) = default_dirs();
+    let state_dir = env_path("LIMINAL_STATE_DIR").unwrap_or(default_state);
+    let cache_dir = env_path("LIMINAL_CACHE_DIR").unwrap_or(default_cache);
     let helper = env_path("LIMINAL_SANDBOX_HELPER").unwrap_or_else(|| {
         std::env::current_exe()
             .ok()
