@@ -40,11 +40,18 @@ pub fn config() -> EngineConfig {
     let (default_state, default_cache) = default_dirs();
     let state_dir = env_path("LIMINAL_STATE_DIR").unwrap_or(default_state);
     let cache_dir = env_path("LIMINAL_CACHE_DIR").unwrap_or(default_cache);
+    // Beside limctl in a build tree; in /usr/libexec/liminal where the
+    // Debian package puts it.
     let helper = env_path("LIMINAL_SANDBOX_HELPER").unwrap_or_else(|| {
-        std::env::current_exe()
+        let beside = std::env::current_exe()
             .ok()
-            .and_then(|p| p.parent().map(|d| d.join("liminal-sandbox")))
-            .unwrap_or_else(|| PathBuf::from("liminal-sandbox"))
+            .and_then(|p| p.parent().map(|d| d.join("liminal-sandbox")));
+        let packaged = PathBuf::from("/usr/libexec/liminal/liminal-sandbox");
+        match beside {
+            Some(p) if p.exists() => p,
+            _ if packaged.exists() => packaged,
+            _ => PathBuf::from("liminal-sandbox"),
+        }
     });
     EngineConfig {
         state_dir,
