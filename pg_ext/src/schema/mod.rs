@@ -36,6 +36,6 @@ fn new_ulid() -> String {
 }
 
 #[cfg(any(test, feature = "pg_test"))]
-mod tests;
-#[cfg(any(test, feature = "pg_test"))]
 mod repro_tests;
+#[cfg(any(test, feature = "pg_test"))]
+mod tests;
