@@ -60,29 +60,7 @@ impl Manager {
             .auth
             .check(conn, &hdr, Action::StartRun)
             .await?;
-        let plan_path = match options.get("plan_path") {
-            Some(v) => Some(PathBuf::from(
-                String::try_from(
-                    v.try_clone()
-                        .map_err(|e| BusError::new(INVALID_ARGS, format!("plan_path: {e}")))?,
-                )
-                .map_err(|_| {
-                    BusError::new(INVALID_ARGS, "option plan_path must be a string (s)")
-                })?,
-            )),
-            None => None,
-        };
-        let plan = parse_plan(&plan_toml, plan_path.as_deref())?;
-        let passed: BTreeMap<String, OwnedFd> = secret_fds
-            .into_iter()
-            .map(|(k, v)| (k, OwnedFd::from(v)))
-            .collect();
-        let fd_secrets = check_secrets(
-            &plan,
-            passed,
-            self.shared.settings.engine.credentials_dir.clone(),
-        )
-        .await?;
+        let (plan, fd_secrets) = self.admit(&plan_toml, secret_fds, &options).await?;
         let run_id = self.shared.start_run(plan, fd_secrets).await?;
         let path = OwnedObjectPath::try_from(run_path(&run_id))
             .map_err(|e| BusError::failed(format!("object path: {e}")))?;
@@ -107,29 +85,7 @@ impl Manager {
             .check(conn, &hdr, Action::StartRun)
             .await?;
         let verify = crate::daemon::verify::options(&options)?;
-        let plan_path = match options.get("plan_path") {
-            Some(v) => Some(PathBuf::from(
-                String::try_from(
-                    v.try_clone()
-                        .map_err(|e| BusError::new(INVALID_ARGS, format!("plan_path: {e}")))?,
-                )
-                .map_err(|_| {
-                    BusError::new(INVALID_ARGS, "option plan_path must be a string (s)")
-                })?,
-            )),
-            None => None,
-        };
-        let plan = parse_plan(&plan_toml, plan_path.as_deref())?;
-        let passed: BTreeMap<String, OwnedFd> = secret_fds
-            .into_iter()
-            .map(|(k, v)| (k, OwnedFd::from(v)))
-            .collect();
-        let fd_secrets = check_secrets(
-            &plan,
-            passed,
-            self.shared.settings.engine.credentials_dir.clone(),
-        )
-        .await?;
+        let (plan, fd_secrets) = self.admit(&plan_toml, secret_fds, &options).await?;
         let run_id = self
             .shared
             .start_run_or_verify(plan, fd_secrets, Some(verify))
@@ -263,6 +219,43 @@ impl Manager {
         emitter: &SignalEmitter<'_>,
         facts: &[(u64, &str, &str)],
     ) -> zbus::Result<()>;
+}
+
+impl Manager {
+    /// What StartRun and VerifyReproducible share before a run is queued:
+    /// the plan parsed (relative paths against the `plan_path` option) and
+    /// the passed secret descriptors checked.
+    async fn admit(
+        &self,
+        plan_toml: &str,
+        secret_fds: HashMap<String, zvariant::OwnedFd>,
+        options: &HashMap<String, OwnedValue>,
+    ) -> Result<(Plan, BTreeMap<String, OwnedFd>), BusError> {
+        let plan_path = match options.get("plan_path") {
+            Some(v) => Some(PathBuf::from(
+                String::try_from(
+                    v.try_clone()
+                        .map_err(|e| BusError::new(INVALID_ARGS, format!("plan_path: {e}")))?,
+                )
+                .map_err(|_| {
+                    BusError::new(INVALID_ARGS, "option plan_path must be a string (s)")
+                })?,
+            )),
+            None => None,
+        };
+        let plan = parse_plan(plan_toml, plan_path.as_deref())?;
+        let passed: BTreeMap<String, OwnedFd> = secret_fds
+            .into_iter()
+            .map(|(k, v)| (k, OwnedFd::from(v)))
+            .collect();
+        let fd_secrets = check_secrets(
+            &plan,
+            passed,
+            self.shared.settings.engine.credentials_dir.clone(),
+        )
+        .await?;
+        Ok((plan, fd_secrets))
+    }
 }
 
 fn spool_error(e: SpoolError) -> BusError {
