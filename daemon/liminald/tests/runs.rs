@@ -9,28 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn require_runtime() -> bool {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIP: real runs need root");
-        return false;
-    }
-    assert!(
-        sandbox_helper().exists(),
-        "liminal-sandbox not found at {} (cargo build -p liminal-sandbox, or set LIMINAL_SANDBOX_HELPER)",
-        sandbox_helper().display()
-    );
-    true
-}
-
 fn plan(rootfs: &Path, name: &str, script: &str) -> (tempfile::TempDir, PathBuf) {
     plan_dir(&format!(
         "[run]\nname = \"{name}\"\nimage = \"{}\"\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\ntimeout = \"60s\"\n[results]\nformat = \"exit-code\"\n",
         rootfs.display()
     ))
-}
-
-fn limctl() -> PathBuf {
-    liminald_bin().parent().unwrap().join("limctl")
 }
 
 fn wait_final(bus: &Bus, run_id: &str) -> serde_json::Value {

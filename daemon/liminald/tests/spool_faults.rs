@@ -26,15 +26,9 @@ type Wire = (u64, String, String);
 
 #[test]
 fn full_spool_refuses_new_runs_and_loses_no_fact() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIP: real runs need root");
+    if !require_runtime() {
         return;
     }
-    assert!(
-        sandbox_helper().exists(),
-        "liminal-sandbox not found at {} (cargo build -p liminal-sandbox)",
-        sandbox_helper().display()
-    );
     let rootfs = busybox_rootfs();
     let bus = Bus::start();
     let state = tempfile::tempdir().unwrap();
@@ -202,11 +196,9 @@ impl Drop for Tmpfs {
 
 #[test]
 fn failed_spool_write_exits_for_a_restart_that_recovers() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIP: needs root (tmpfs mount, real runs)");
+    if !require_runtime() {
         return;
     }
-    assert!(sandbox_helper().exists(), "liminal-sandbox not built");
     let rootfs = busybox_rootfs();
     let bus = Bus::start();
     let state = tempfile::tempdir().unwrap();

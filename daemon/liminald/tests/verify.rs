@@ -9,23 +9,6 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn require_runtime() -> bool {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIP: real runs need root");
-        return false;
-    }
-    assert!(
-        sandbox_helper().exists(),
-        "liminal-sandbox not found at {} (cargo build -p liminal-sandbox, or set LIMINAL_SANDBOX_HELPER)",
-        sandbox_helper().display()
-    );
-    true
-}
-
-fn limctl() -> PathBuf {
-    liminald_bin().parent().unwrap().join("limctl")
-}
-
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/repro")

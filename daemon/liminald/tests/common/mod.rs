@@ -109,6 +109,26 @@ pub fn liminald_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_liminald"))
 }
 
+/// Whether real runs can happen here: root (else the test says SKIP and
+/// returns) and a built sandbox helper (else it fails, saying how to build).
+pub fn require_runtime() -> bool {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP: real runs need root");
+        return false;
+    }
+    assert!(
+        sandbox_helper().exists(),
+        "liminal-sandbox not found at {} (cargo build -p liminal-sandbox, or set LIMINAL_SANDBOX_HELPER)",
+        sandbox_helper().display()
+    );
+    true
+}
+
+/// limctl, built beside liminald.
+pub fn limctl() -> PathBuf {
+    liminald_bin().parent().unwrap().join("limctl")
+}
+
 /// The sandbox helper built into the same target dir, if built.
 pub fn sandbox_helper() -> PathBuf {
     std::env::var_os("LIMINAL_SANDBOX_HELPER")
