@@ -9,9 +9,9 @@
 use liminal_facts::FactBody;
 use liminal_spool::{Spool, SpoolError};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// A fact with its seq and its wire form.
@@ -77,7 +77,7 @@ fn run(
                 SpoolMsg::Flush(tx) => flushes.push(tx),
             }
         }
-        if !append_with_retry(spool, facts, full, out) {
+        if !append_with_retry(spool, facts, full, out, rx, &mut flushes) {
             return;
         }
         for tx in flushes {
@@ -102,14 +102,19 @@ fn append_with_retry(
     mut facts: Vec<(FactBody, Option<Admit>)>,
     full: &AtomicBool,
     out: &mpsc::UnboundedSender<Announce>,
+    rx: &Receiver<SpoolMsg>,
+    flushes: &mut Vec<oneshot::Sender<()>>,
 ) -> bool {
     let mut pause = Duration::from_millis(50);
     let mut chunk = facts.len();
+    // Messages taken from the channel while waiting for room, at most a
+    // channel's worth: enough to reach any admission sent before `full`
+    // was raised; past it the engine's sinks block again (back-pressure).
+    let mut drained = 0usize;
     while !facts.is_empty() {
         chunk = chunk.clamp(1, facts.len());
         match spool.append(facts[..chunk].iter().map(|(f, _)| f)) {
             Ok(receipt) => {
-                full.store(false, Ordering::Relaxed);
                 pause = Duration::from_millis(50);
                 let spooled: Vec<Spooled> = facts
                     .drain(..chunk)
@@ -156,13 +161,56 @@ fn append_with_retry(
                     continue;
                 }
                 tracing::warn!(error = %e, facts = facts.len(), "spool append failed; retrying");
-                std::thread::sleep(pause);
+                wait_for_room(rx, &mut facts, flushes, &mut drained, pause, &e);
                 pause = (pause * 2).min(Duration::from_secs(2));
                 chunk = facts.len();
             }
         }
     }
+    // Cleared only once everything waiting is in: a run admitted while
+    // engine facts still wait would queue behind them.
+    full.store(false, Ordering::Relaxed);
     true
+}
+
+/// Waits `pause` for room, reading the channel meanwhile: a run's admission
+/// that arrives is refused at once (it would otherwise wait behind the facts
+/// that do not fit, and its D-Bus caller with it), other facts queue behind
+/// the waiting ones in order, flushes are kept for after.
+fn wait_for_room(
+    rx: &Receiver<SpoolMsg>,
+    facts: &mut Vec<(FactBody, Option<Admit>)>,
+    flushes: &mut Vec<oneshot::Sender<()>>,
+    drained: &mut usize,
+    pause: Duration,
+    why: &SpoolError,
+) {
+    let deadline = Instant::now() + pause;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        if *drained >= CHANNEL_DEPTH {
+            std::thread::sleep(left);
+            return;
+        }
+        match rx.recv_timeout(left) {
+            Ok(SpoolMsg::Fact(_, Some(reply))) => {
+                let _ = reply.send(Err(why.to_string()));
+            }
+            Ok(SpoolMsg::Fact(f, None)) => {
+                *drained += 1;
+                facts.push((f, None));
+            }
+            Ok(SpoolMsg::Flush(tx)) => flushes.push(tx),
+            Err(RecvTimeoutError::Timeout) => return,
+            Err(RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(left);
+                return;
+            }
+        }
+    }
 }
 
 /// Exit status when the spool can no longer be trusted: EX_IOERR.

@@ -59,12 +59,16 @@ fn full_spool_refuses_new_runs_and_loses_no_fact() {
             async move {
                 let opts: HashMap<&str, Value<'_>> = HashMap::new();
                 let fds: HashMap<&str, zvariant::Fd<'_>> = HashMap::new();
-                proxy
-                    .call::<_, _, (String, zvariant::OwnedObjectPath)>(
+                // A full spool must answer, not hold the caller.
+                tokio::time::timeout(
+                    Duration::from_secs(30),
+                    proxy.call::<_, _, (String, zvariant::OwnedObjectPath)>(
                         "StartRun",
                         &(plan.as_str(), fds, opts),
-                    )
-                    .await
+                    ),
+                )
+                .await
+                .expect("StartRun got no answer within 30 s")
             }
         };
         let (chatty_id, _) = start(chatty).await.expect("chatty run admitted");
