@@ -24,10 +24,8 @@ CREATE VIEW liminal.run_summary AS
 COMMENT ON VIEW liminal.run_summary IS 'One row per run with its test counts by status (current state, corrections applied). Since 0.2.0.';
 
 -- ---------------------------------------------------------------------------
--- Reproducibility (issue 6): the same text as pg_ext/src/schema/repro.sql.
--- Reproducibility views (issue 6). Idempotent (CREATE OR REPLACE): the same
--- text is appended to sql/liminal--0.1.0--0.2.0.sql, which the 0.2.0
--- install script also includes.
+-- Reproducibility (issue 6): verdicts per input digest, and the artifacts
+-- that stopped reproducing.
 
 -- The latest verdict per input digest, with how often those inputs were
 -- verified and how often they reproduced.

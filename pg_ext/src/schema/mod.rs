@@ -12,15 +12,8 @@ pgrx::extension_sql_file!(
     requires = ["liminal_schema", new_ulid]
 );
 
-// Reproducibility views (issue 6); idempotent, also appended to the upgrade script.
-#[cfg(not(feature = "v0_1"))]
-pgrx::extension_sql_file!(
-    "repro.sql",
-    name = "liminal_repro",
-    requires = ["liminal_functions"]
-);
-
-// 0.2.0's changes, shared with the upgrade script so both paths agree.
+// 0.2.0's changes (among them the reproducibility views), shared with the
+// upgrade script so both paths agree.
 #[cfg(not(feature = "v0_1"))]
 pgrx::extension_sql_file!(
     "../../sql/liminal--0.1.0--0.2.0.sql",

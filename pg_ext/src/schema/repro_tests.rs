@@ -1,4 +1,5 @@
-//! Tests of `repro.sql` (liminal.reproducibility, liminal.repro_regressions),
+//! Tests of the reproducibility SQL (liminal.reproducibility,
+//! liminal.repro_regressions; in `sql/liminal--0.1.0--0.2.0.sql`),
 //! run inside PostgreSQL by `cargo pgrx test pg15`; facts go through the
 //! worker's store (`ingest::store::write_batch`).
 
