@@ -322,13 +322,26 @@ async fn run_remote(
     let mut options = HashMap::new();
     options.insert("plan_path", Value::from(plan_path.as_str()));
     let (run_id, path) = mgr.start_run(&text, fds, options).await.map_err(bus_err)?;
+    let v = follow_run(conn, mgr, &run_id, &path, json).await?;
+    Ok(output::finish(&v, json))
+}
+
+/// Shows the run's progress until its state is final, then returns its
+/// `GetRun` JSON.
+pub(crate) async fn follow_run(
+    conn: &zbus::Connection,
+    mgr: &ManagerProxy<'_>,
+    run_id: &str,
+    path: &zvariant::OwnedObjectPath,
+    json: bool,
+) -> anyhow::Result<serde_json::Value> {
     let props = zbus::fdo::PropertiesProxy::builder(conn)
         .destination(BUS_NAME)?
         .path(path.clone())?
         .build()
         .await?;
     let mut changes = props.receive_properties_changed().await?;
-    let progress = output::Progress::new(&run_id, json);
+    let progress = output::Progress::new(run_id, json);
     loop {
         // Read the state after subscribing, so no change is missed.
         let all = props
@@ -346,9 +359,8 @@ async fn run_remote(
         let _ = tokio::time::timeout(Duration::from_secs(2), changes.next()).await;
     }
     progress.done();
-    let text = mgr.get_run(&run_id).await.map_err(bus_err)?;
-    let v: serde_json::Value = serde_json::from_str(&text)?;
-    Ok(output::finish(&v, json))
+    let text = mgr.get_run(run_id).await.map_err(bus_err)?;
+    Ok(serde_json::from_str(&text)?)
 }
 
 fn prop_str(all: &HashMap<String, zvariant::OwnedValue>, name: &str) -> String {

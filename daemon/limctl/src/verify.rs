@@ -7,15 +7,13 @@
 
 use crate::engine_glue::CancelHandle;
 use crate::state::RunRecord;
-use crate::{bus_err, fail, output, prop_str, prop_u32, ManagerProxy, BUS_NAME, RUN_IFACE};
-use futures_util::StreamExt;
+use crate::{bus_err, fail, ManagerProxy};
 use liminal_engine::repro::{self, VerifyOptions};
 use liminal_facts::{FactBody, RunStatus};
 use liminal_plan::Plan;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::Duration;
 use zbus::zvariant::{self, Value as ZValue};
 
 pub struct Args<'a> {
@@ -106,31 +104,8 @@ pub async fn remote(
         .verify_reproducible(&text, HashMap::<String, zvariant::OwnedFd>::new(), options)
         .await
         .map_err(bus_err)?;
-    let props = zbus::fdo::PropertiesProxy::builder(conn)
-        .destination(BUS_NAME)?
-        .path(path.clone())?
-        .build()
-        .await?;
-    let mut changes = props.receive_properties_changed().await?;
-    let progress = output::Progress::new(&run_id, args.json);
-    loop {
-        let all = props
-            .get_all(zbus::names::InterfaceName::from_static_str_unchecked(
-                RUN_IFACE,
-            ))
-            .await
-            .map_err(|e| fail(2, format!("run {run_id}: {e}")))?;
-        let state = prop_str(&all, "State");
-        progress.update(&state, prop_u32(&all, "Passed"), prop_u32(&all, "Failed"));
-        if !matches!(state.as_str(), "queued" | "running" | "") {
-            // The verdict fact comes right before the final state.
-            break;
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(2), changes.next()).await;
-    }
-    progress.done();
-    let text = mgr.get_run(&run_id).await.map_err(bus_err)?;
-    let run: Value = serde_json::from_str(&text)?;
+    // The verdict fact comes right before the final state.
+    let run = crate::follow_run(conn, mgr, &run_id, &path, args.json).await?;
     print(&run, args.json);
     Ok(exit_code(&run))
 }
