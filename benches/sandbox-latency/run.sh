@@ -4,8 +4,11 @@
 #   bwrap, runc run, crun run (in a mount namespace with
 #   /sys/fs/cgroup/unified unmounted: crun 1.8 refuses the hybrid layout),
 #   liminal raw helper loop (one liminal-sandbox process, N containers),
-#   liminal engine path (liminal_engine::run spawning liminal-sandbox per
-#   run, as liminald does: input digest, facts, cleanup included),
+#   liminal engine path (liminal_engine::run per run, as liminald does:
+#   input digest, facts, cleanup included), through the warm fork server
+#   (the default) and with a helper spawned per run
+#   (LIMINAL_SANDBOX_PREFORK=0); the raw loop also once with every cgroup
+#   v1 hierarchy (LIMINAL_SANDBOX_ALL_CGROUPS=1, as before the trim),
 # plus host /bin/true as the floor. Prints medians, p95 and ratios; writes
 # raw numbers to $OUT (default a temp dir, kept). Needs root, hyperfine,
 # runc, crun, bubblewrap, python3.
@@ -64,10 +67,16 @@ cat > "$OUT/raw/job.json" <<JSON
 JSON
 "$bin/liminal-sandbox" --bench-loop $((RUNS + WARMUP)) < "$OUT/raw/job.json" 5>/dev/null 6>/dev/null 7>/dev/null \
   | tail -n "$RUNS" > "$OUT/raw.jsonl"
+echo "liminal raw helper loop, every cgroup v1 hierarchy (before the trim) ..." >&2
+LIMINAL_SANDBOX_ALL_CGROUPS=1 "$bin/liminal-sandbox" --bench-loop $((RUNS + WARMUP)) < "$OUT/raw/job.json" \
+  5>/dev/null 6>/dev/null 7>/dev/null | tail -n "$RUNS" > "$OUT/raw-allcg.jsonl"
 
-echo "liminal engine path ..." >&2
+echo "liminal engine path (warm fork server) ..." >&2
 "$bin/examples/sandbox-latency" --helper "$bin/liminal-sandbox" --rootfs "$rootfs" \
   --state "$OUT/state" --runs "$RUNS" > "$OUT/engine.json"
+echo "liminal engine path (a helper spawned per run) ..." >&2
+LIMINAL_SANDBOX_PREFORK=0 "$bin/examples/sandbox-latency" --helper "$bin/liminal-sandbox" \
+  --rootfs "$rootfs" --state "$OUT/state" --runs "$RUNS" > "$OUT/engine-spawn.json"
 
 python3 - "$OUT" <<'PY'
 import json, sys, statistics
@@ -79,15 +88,20 @@ rows = {}
 for name in ["host", "bwrap", "runc", "crun"]:
     rows[name] = [t * 1e3 for t in json.load(open(f"{out}/{name}.json"))["results"][0]["times"]]
 raw = [json.loads(l) for l in open(f"{out}/raw.jsonl")]
+raw_all = [json.loads(l) for l in open(f"{out}/raw-allcg.jsonl")]
 rows["liminal raw loop"] = [r["total_us"] / 1e3 for r in raw]
+rows["raw, all cgroups"] = [r["total_us"] / 1e3 for r in raw_all]
 eng = json.load(open(f"{out}/engine.json"))
 rows["liminal engine"] = eng["engine_ms"]
+eng_spawn = json.load(open(f"{out}/engine-spawn.json"))
+rows["engine, spawn/run"] = eng_spawn["engine_ms"]
 med = {k: statistics.median(v) for k, v in rows.items()}
 print(f"{'':18} {'n':>4} {'median ms':>10} {'p95 ms':>8} {'/crun':>6} {'/bwrap':>7}")
 for k, v in rows.items():
     print(f"{k:18} {len(v):4} {med[k]:10.2f} {q(v, .95):8.2f} {med[k]/med['crun']:6.2f} {med[k]/med['bwrap']:7.2f}")
-def part(key): return statistics.median(r[key] for r in raw) / 1e3
-print(f"raw loop phases (median ms): create {part('create_us'):.2f}, start {part('start_us'):.2f}, wait {part('wait_us'):.2f}, delete {part('delete_us'):.2f}")
+def part(rs, key): return statistics.median(r[key] for r in rs) / 1e3
+for name, rs in [("raw loop", raw), ("raw, all cgroups", raw_all)]:
+    print(f"{name} phases (median ms): create {part(rs, 'create_us'):.2f}, start {part(rs, 'start_us'):.2f}, wait {part(rs, 'wait_us'):.2f}, delete {part(rs, 'delete_us'):.2f}")
 print(f"engine: image resolve (rootfs tree digest) median {statistics.median(eng['image_resolve_ms']):.2f} ms per run")
 print(f"raw numbers in {out}")
 PY

@@ -5,7 +5,13 @@
 set -euo pipefail
 out=${1:-${LIMINAL_CACHE_DIR:-$HOME/.cache/liminal}/rootfs/busybox}
 bb=/bin/busybox
-if [ -f "$out/.liminal-rootfs" ]; then echo "$out"; exit 0; fi
+if [ -f "$out/.liminal-rootfs" ]; then
+  # Older versions left the root 0700 (mktemp's mode): the sandbox's mapped
+  # ids cannot traverse it, which costs an overlay per run. Only the root's
+  # mode changes.
+  [ "$(stat -c %a "$out")" = 755 ] || chmod 755 "$out" || true
+  echo "$out"; exit 0
+fi
 if ! "$bb" --list 2>/dev/null | grep -qx sh || ldd "$bb" >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >/dev/null

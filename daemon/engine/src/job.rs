@@ -13,6 +13,14 @@
 //! - SIGTERM or SIGINT to the helper means "cancel": it kills the container's
 //!   cgroup (TERM, grace, KILL), cleans up and reports `cancelled`.
 //!
+//! The same job can also reach a **fork server** (`liminal-sandbox --serve`,
+//! see [`SERVE_ARG`]): a long-lived single-threaded helper the engine keeps
+//! ready, which forks a fresh single-threaded child per job. The child runs
+//! exactly the one-job path above; only the way the job and its descriptors
+//! arrive differs (one message on a socket, descriptors by SCM_RIGHTS, then
+//! placed at the numbers the job names). This skips exec, dynamic loading
+//! and process start-up per run.
+//!
 //! The helper crate includes this file by path (`#[path]`), so it must depend
 //! on nothing but `serde`, `nix` and std. The cgroupfs helpers at the end are
 //! shared for the same reason: the engine cleans up after a helper that died.
@@ -30,6 +38,41 @@ pub const FIRST_CONTAINER_FD: i32 = 3;
 
 /// Exit code of the helper when it wrote a report (whatever the container did).
 pub const HELPER_EXIT_REPORTED: i32 = 0;
+
+/// Argument that starts the helper as a fork server. Its socket (a
+/// `SOCK_SEQPACKET` unix socket, the engine holds the other end) is
+/// descriptor [`SERVE_FD`]; EOF on it (the engine is gone) or SIGTERM ends
+/// the server, never the jobs already forked.
+///
+/// One request = one message whose bytes are a JSON [`ServeRequest`] and
+/// whose SCM_RIGHTS carry, in order: a memfd holding the [`Job`] JSON, the
+/// write end for the child's own diagnostics (its stderr), the
+/// `preserved_fds` container descriptors, then stdout, stderr and report.
+/// One reply per request: a JSON [`ServeReply`]; `Started` carries a pidfd
+/// of the child (the engine polls it for exit and signals through it, so a
+/// reused pid is never hit).
+pub const SERVE_ARG: &str = "--serve";
+/// The fork server's socket descriptor.
+pub const SERVE_FD: i32 = 3;
+/// Descriptors in one request besides the container's (job memfd, child
+/// stderr, stdout, stderr, report).
+pub const SERVE_FIXED_FDS: usize = 5;
+/// SCM_RIGHTS carries at most this many descriptors (the kernel's SCM_MAX_FD).
+pub const SERVE_MAX_FDS: usize = 253;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServeRequest {
+    pub version: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServeReply {
+    /// The child runs the job; a pidfd of it rides along.
+    Started { pid: i32 },
+    /// Nothing was forked (bad request, fork failed).
+    Refused { message: String },
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {

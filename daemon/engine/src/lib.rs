@@ -7,6 +7,7 @@
 //!   content digests, sandbox configuration).
 //! - [`secrets`]: secrets into sealed, read-only memfds.
 //! - [`job`]: the protocol between the engine and the `liminal-sandbox` helper.
+//! - [`prefork`]: the warm helper (a fork server kept between runs).
 //! - [`runner`]: spawns the helper, reads output while it runs, enforces the
 //!   timeout and cancellation, cleans up on every path, emits facts.
 //! - [`signals`]: captured lines and `LIMINAL_SIGNALS_FD` JSON lines into
@@ -23,6 +24,7 @@ pub mod artifacts;
 pub mod digest;
 pub mod image;
 pub mod job;
+pub mod prefork;
 pub mod repro;
 pub mod results;
 pub mod runner;

@@ -9,7 +9,7 @@ use crate::artifacts::{self, Cas, CollectedArtifact};
 use crate::job::{self, BindMount, IdMap, Job, JobReport, Limits, Network, Outcome, Rlimit};
 use crate::results::{self, ReportError};
 use crate::signals::{self, LineSplitter, Redactor};
-use crate::{digest, image, secrets};
+use crate::{digest, image, prefork, secrets};
 use liminal_facts::{
     new_id, ArtifactFact, FactBody, RunFact, RunStatus, SignalFact, SignalKind, TestResultFact,
     TestStatus, Timestamp, Ulid,
@@ -725,6 +725,124 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), EngineError> {
     })
 }
 
+/// The write ends a helper gets, with the numbers it must find them at.
+struct HelperFds {
+    /// From `FIRST_CONTAINER_FD` on: the signals pipe, then secrets.
+    container: Vec<OwnedFd>,
+    stdout: (OwnedFd, i32),
+    stderr: (OwnedFd, i32),
+    report: (OwnedFd, i32),
+}
+
+/// The process running a job: forked by the warm fork server (watched
+/// through its pidfd), or a helper spawned for this run (our child).
+enum Helper {
+    Forked(prefork::Forked),
+    Spawned(std::process::Child),
+}
+
+impl Helper {
+    fn signal(&self, sig: Signal) {
+        match self {
+            Helper::Forked(f) => {
+                let _ = prefork::pidfd_signal(&f.pidfd, sig);
+            }
+            Helper::Spawned(c) => {
+                let _ = kill(Pid::from_raw(c.id() as i32), sig);
+            }
+        }
+    }
+
+    /// `Some(description)` once it has exited.
+    fn try_wait(&mut self) -> Option<String> {
+        match self {
+            Helper::Forked(f) => prefork::pidfd_exited(&f.pidfd, Some(Duration::ZERO))
+                .then(|| format!("forked helper {} exited", f.pid)),
+            Helper::Spawned(c) => c.try_wait().ok().flatten().map(|st| st.to_string()),
+        }
+    }
+
+    fn wait(&mut self) -> std::io::Result<String> {
+        match self {
+            Helper::Forked(f) => {
+                prefork::pidfd_exited(&f.pidfd, None);
+                Ok(format!("forked helper {} exited", f.pid))
+            }
+            Helper::Spawned(c) => c.wait().map(|st| st.to_string()),
+        }
+    }
+}
+
+/// Starts the job: through the warm fork server when possible, else by
+/// spawning a helper. Returns it and the read end of its diagnostics. Our
+/// copies of the write ends are closed when this returns, so the pipes
+/// reach EOF once the helper and the container are done.
+fn start_helper(
+    cfg: &EngineConfig,
+    job_json: &[u8],
+    fds: HelperFds,
+) -> Result<(Helper, Option<OwnedFd>), EngineError> {
+    use command_fds::{CommandFdExt, FdMapping};
+    if prefork::enabled() {
+        let (diag_r, diag_w) = pipe()?;
+        let borrowed = prefork::JobFds {
+            helper_stderr: diag_w.as_fd(),
+            container: fds.container.iter().map(|f| f.as_fd()).collect(),
+            stdout: fds.stdout.0.as_fd(),
+            stderr: fds.stderr.0.as_fd(),
+            report: fds.report.0.as_fd(),
+        };
+        match prefork::start_job(&cfg.helper, job_json, &borrowed) {
+            Ok(forked) => {
+                tracing::debug!(pid = %forked.pid, "job handed to the sandbox fork server");
+                return Ok((Helper::Forked(forked), Some(diag_r)));
+            }
+            Err(e) => tracing::warn!("{e}; spawning a helper for this run instead"),
+        }
+    }
+    let mut mappings: Vec<FdMapping> = fds
+        .container
+        .into_iter()
+        .zip(SIGNALS_FD..)
+        .map(|(parent_fd, child_fd)| FdMapping {
+            parent_fd,
+            child_fd,
+        })
+        .collect();
+    for (parent_fd, child_fd) in [fds.stdout, fds.stderr, fds.report] {
+        mappings.push(FdMapping {
+            parent_fd,
+            child_fd,
+        });
+    }
+    let mut cmd = Command::new(&cfg.helper);
+    cmd.env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Ok(v) = std::env::var("LIMINAL_SANDBOX_LOG") {
+        cmd.env("LIMINAL_SANDBOX_LOG", v);
+    }
+    cmd.fd_mappings(mappings).map_err(|e| EngineError::Io {
+        what: "mapping descriptors for the helper".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let mut child = cmd.spawn().map_err(|source| EngineError::Helper {
+        path: cfg.helper.clone(),
+        source,
+    })?;
+    // The mapped write ends live on only in the helper now (command-fds keeps
+    // them in `cmd`): drop it, or the pipes never reach EOF.
+    drop(cmd);
+    let helper_err = child.stderr.take().map(OwnedFd::from);
+    if let Some(mut stdin) = child.stdin.take() {
+        // The helper reads the whole job before anything else; a failed
+        // write means it died, which the wait below reports.
+        let _ = stdin.write_all(job_json);
+    }
+    Ok((Helper::Spawned(child), helper_err))
+}
+
 /// Spawns the helper and pumps its streams until it exits. `Err` means the
 /// helper died without a report (the run is `error`).
 #[allow(clippy::too_many_arguments)]
@@ -741,8 +859,6 @@ fn spawn_and_pump(
     sink: &mut dyn FnMut(FactBody),
     cancel: &CancelHandle,
 ) -> Result<JobReport, EngineError> {
-    use command_fds::{CommandFdExt, FdMapping};
-
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let (sig_r, sig_w) = pipe()?;
@@ -750,36 +866,18 @@ fn spawn_and_pump(
 
     // Container descriptors at their final numbers: signals, then secrets.
     let n_secrets = sealed.len() as i32;
-    let mut mappings = vec![FdMapping {
-        parent_fd: sig_w,
-        child_fd: SIGNALS_FD,
-    }];
+    let mut container_fds = vec![sig_w];
     let mut secret_vars = Vec::new();
     for (i, s) in sealed.iter().enumerate() {
         let child_fd = SIGNALS_FD + 1 + i as i32;
         let dup =
             s.fd.try_clone()
                 .map_err(io_err(format!("duplicating secret {}", s.name)))?;
-        mappings.push(FdMapping {
-            parent_fd: dup,
-            child_fd,
-        });
+        container_fds.push(dup);
         secret_vars.push((s.env_var.clone(), child_fd));
     }
     let stdout_fd = SIGNALS_FD + 1 + n_secrets;
     let (stderr_fd, report_fd) = (stdout_fd + 1, stdout_fd + 2);
-    mappings.push(FdMapping {
-        parent_fd: out_w,
-        child_fd: stdout_fd,
-    });
-    mappings.push(FdMapping {
-        parent_fd: err_w,
-        child_fd: stderr_fd,
-    });
-    mappings.push(FdMapping {
-        parent_fd: rep_w,
-        child_fd: report_fd,
-    });
 
     let mut mounts = vec![
         BindMount {
@@ -855,32 +953,13 @@ fn spawn_and_pump(
     // Kept for post-mortem diagnosis of a helper that died; removed with the run.
     let _ = std::fs::write(dirs.root.join("job.json"), &job_json);
 
-    let mut cmd = Command::new(&cfg.helper);
-    cmd.env_clear()
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    if let Ok(v) = std::env::var("LIMINAL_SANDBOX_LOG") {
-        cmd.env("LIMINAL_SANDBOX_LOG", v);
-    }
-    cmd.fd_mappings(mappings).map_err(|e| EngineError::Io {
-        what: "mapping descriptors for the helper".into(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let mut child = cmd.spawn().map_err(|source| EngineError::Helper {
-        path: cfg.helper.clone(),
-        source,
-    })?;
-    // The mapped write ends live on only in the helper now (command-fds keeps
-    // them in `cmd`): drop it, or the pipes never reach EOF.
-    drop(cmd);
-    let helper_pid = Pid::from_raw(child.id() as i32);
-    let helper_err = child.stderr.take().map(OwnedFd::from);
-    if let Some(mut stdin) = child.stdin.take() {
-        // The helper reads the whole job before anything else; a failed
-        // write means it died, which the wait below reports.
-        let _ = stdin.write_all(&job_json);
-    }
+    let fds = HelperFds {
+        container: container_fds,
+        stdout: (out_w, stdout_fd),
+        stderr: (err_w, stderr_fd),
+        report: (rep_w, report_fd),
+    };
+    let (mut helper, helper_err) = start_helper(cfg, &job_json, fds)?;
 
     let mut readers = vec![
         reader(Stream::Stdout, out_r),
@@ -905,10 +984,10 @@ fn spawn_and_pump(
     loop {
         if cancel.is_cancelled() && !cancel_sent {
             cancel_sent = true;
-            let _ = kill(helper_pid, Signal::SIGTERM);
+            helper.signal(Signal::SIGTERM);
         }
         if helper_status.is_none() {
-            if let Ok(Some(st)) = child.try_wait() {
+            if let Some(st) = helper.try_wait() {
                 helper_status = Some(st);
                 exited_at = Some(Instant::now());
                 if readers[3].open && readers[3].buf.is_empty() {
@@ -926,7 +1005,7 @@ fn spawn_and_pump(
                     "sandbox helper overran its deadline; killing it and the container"
                 );
                 killed_helper = true;
-                let _ = kill(helper_pid, Signal::SIGKILL);
+                helper.signal(Signal::SIGKILL);
             }
         }
         if readers.iter().all(|r| !r.open) {
@@ -936,18 +1015,11 @@ fn spawn_and_pump(
             // Every pipe hit EOF, the helper's stderr and report included:
             // it is exiting. Reap it without polling (a poll over no
             // descriptors would just sleep).
-            match child.wait() {
-                Ok(st) => {
-                    helper_status = Some(st);
-                    break;
-                }
-                Err(source) => {
-                    return Err(EngineError::Helper {
-                        path: cfg.helper.clone(),
-                        source,
-                    })
-                }
-            }
+            helper_status = Some(helper.wait().map_err(|source| EngineError::Helper {
+                path: cfg.helper.clone(),
+                source,
+            })?);
+            break;
         }
         if let Some(t) = exited_at {
             // Descendants that escaped the container's death cannot exist
@@ -989,7 +1061,7 @@ fn spawn_and_pump(
     }
     let status = match helper_status {
         Some(s) => s,
-        None => child.wait().map_err(|source| EngineError::Helper {
+        None => helper.wait().map_err(|source| EngineError::Helper {
             path: cfg.helper.clone(),
             source,
         })?,

@@ -879,3 +879,57 @@ fn killed_helper_leaves_nothing_behind() {
         "sleepers survived the helper"
     );
 }
+
+#[test]
+fn killed_fork_server_spares_its_running_job_and_is_restarted() {
+    let Some(c) = Case::new() else { return };
+    if !liminal_engine::prefork::enabled() {
+        eprintln!("skipped: LIMINAL_SANDBOX_PREFORK=0");
+        return;
+    }
+    // $0 of the shell carries the marker, so the test can see the job run.
+    let marker = format!("marker-{}", 3_000_000 + std::process::id());
+    let plan = c.plan(&format!(
+        "command = [\"/bin/sh\", \"-c\", \"sleep 2; echo finished\", \"{marker}\"]\ntimeout = \"60s\"\n"
+    ));
+    let server = format!("{} --serve", helper().display());
+    let m = marker.clone();
+    let killer = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if !processes_with(&m).is_empty() {
+                // The server is our child; the job it forked has the
+                // same command line but the server as its parent.
+                let servers: Vec<i32> = processes_with(&server)
+                    .into_iter()
+                    .filter(|p| parent_of(*p) == Some(std::process::id() as i32))
+                    .collect();
+                for pid in &servers {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(*pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                return servers.len();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        0
+    });
+    let r = c.run_plan(plan, BTreeMap::new(), &CancelHandle::new());
+    assert!(killer.join().unwrap() > 0, "no fork server to kill");
+    r.assert_status(RunStatus::Passed);
+    assert_eq!(r.stdout(), "finished");
+    // The next run gets a fresh server.
+    let r = c.run("command = [\"/bin/echo\", \"again\"]\n");
+    r.assert_status(RunStatus::Passed);
+    assert_eq!(r.stdout(), "again");
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+}

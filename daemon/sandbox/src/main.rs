@@ -13,6 +13,7 @@
 #[allow(dead_code)]
 mod job;
 
+mod serve;
 mod spec;
 
 use anyhow::{bail, Context, Result};
@@ -65,12 +66,15 @@ fn real_main() -> Result<()> {
     for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
         std::env::remove_var(var);
     }
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(job::SERVE_ARG) {
+        return serve::serve();
+    }
     let mut text = String::new();
     std::io::stdin()
         .read_to_string(&mut text)
         .context("reading the job from stdin")?;
     let job: Job = serde_json::from_str(&text).context("parsing the job")?;
-    let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--bench-loop") {
         let n: usize = args
             .get(2)
@@ -78,6 +82,12 @@ fn real_main() -> Result<()> {
             .context("--bench-loop N")?;
         return bench_loop(&job, n);
     }
+    run_one(&job)
+}
+
+/// The one-job path: the job's descriptors are in place (inherited from the
+/// engine, or placed by the fork server's child).
+fn run_one(job: &Job) -> Result<()> {
     if job.version != job::PROTOCOL_VERSION {
         bail!(
             "job protocol version {} (this helper speaks {})",
@@ -89,7 +99,7 @@ fn real_main() -> Result<()> {
     let mut report_file = unsafe { File::from_raw_fd(job.report_fd) };
     let _span = tracing::info_span!("job", container = %job.container_id).entered();
 
-    let report = run_job(&job);
+    let report = run_job(job);
     let json = serde_json::to_vec(&report).context("encoding the report")?;
     report_file.write_all(&json).context("writing the report")?;
     Ok(())
@@ -154,6 +164,7 @@ fn setup(job: &Job) -> Result<SignalFd> {
         None::<&str>,
     )
     .context("making / private in the helper's mount namespace")?;
+    trim_cgroup_hierarchies();
 
     std::fs::create_dir_all(&job.bundle)
         .with_context(|| format!("creating bundle {}", job.bundle.display()))?;
@@ -175,6 +186,56 @@ fn setup(job: &Job) -> Result<SignalFd> {
             .with_context(|| format!("fchown of descriptor {fd}"))?;
     }
     Ok(sigfd)
+}
+
+/// v1 controllers the sandbox uses: memory, pids and cpu for the plan's
+/// limits; devices for the deny-all device rules; freezer (and devices, whose
+/// cgroup.procs libcontainer lists) to kill the container's cgroup as a whole.
+const USED_V1_CONTROLLERS: &[&str] = &["cpu", "memory", "pids", "devices", "freezer"];
+
+/// Detaches, in the helper's private mount namespace only, the cgroup v1
+/// hierarchies whose controllers the sandbox sets nothing in (cpuacct,
+/// cpuset, blkio, net_cls, perf_event, hugetlb, ...). libcgroups 0.7 creates,
+/// joins and removes a cgroup in every v1 hierarchy it can see, which costs
+/// milliseconds per run for no limit at all; the container simply stays in
+/// its parent's cgroup of those hierarchies. Best effort: a hierarchy that
+/// stays mounted is merely slower.
+fn trim_cgroup_hierarchies() {
+    // For the benchmark's comparison only (benches/sandbox-latency).
+    if std::env::var_os("LIMINAL_SANDBOX_ALL_CGROUPS").is_some() {
+        return;
+    }
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    for line in info.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut post = post.split(' ');
+        let (Some("cgroup"), Some(_), Some(opts)) = (post.next(), post.next(), post.next()) else {
+            continue;
+        };
+        let opts: Vec<&str> = opts.split(',').collect();
+        // Named hierarchies (name=systemd) carry no controller; libcgroups
+        // ignores them, and so do we.
+        if opts.iter().any(|o| o.starts_with("name="))
+            || opts.iter().any(|o| USED_V1_CONTROLLERS.contains(o))
+        {
+            continue;
+        }
+        let Some(mount_point) = pre.split(' ').nth(4) else {
+            continue;
+        };
+        // Cgroup mount points under /sys/fs/cgroup have no characters that
+        // mountinfo escapes; anything else is left alone.
+        if mount_point.contains('\\') {
+            continue;
+        }
+        if let Err(e) = nix::mount::umount2(mount_point, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::debug!("detaching cgroup hierarchy {mount_point}: {e}");
+        }
+    }
 }
 
 /// One container: create, start, wait (with timeout and cancel).
