@@ -9,8 +9,10 @@
 
 use super::bad_argument;
 use super::causality_core::{self as walk_core, Candidate, WalkParams};
+use super::index_scan::{text_datum, verified_index, Col, IndexScan, BT_EQ, BT_GE};
 use super::spi_stream::{stream, Row, PG_EPOCH_OFFSET_US};
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
+use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashMap;
 
@@ -178,6 +180,112 @@ SELECT u.k, u.n, (SELECT count(*) FROM b), (
           AND s.kind = u.k AND s.name = u.n AND s.run_id = b.run_id))
 FROM unnest($5::text[], $6::text[]) AS u(k, n)";
 
+/// The baseline: run ids of the most recent results (at most
+/// BASELINE_RUNS, before `before`, not in `failed_run`) in which the test
+/// passed, one per result (as RARITY_SQL's `b`).
+fn baseline_runs(test_name: &str, before: i64, failed_run: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    stream(
+        "SELECT run_id FROM liminal.test_result_versions
+         WHERE tx_to = 'infinity' AND valid_to = 'infinity'
+           AND test_name = $1 AND status = 'passed' AND started_at < $2 AND run_id <> $3
+         ORDER BY started_at DESC LIMIT $4",
+        &[
+            DatumWithOid::from(test_name),
+            DatumWithOid::from(ts(before)),
+            DatumWithOid::from(failed_run),
+            DatumWithOid::from(BASELINE_RUNS),
+        ],
+        1,
+        &mut |row: &Row<'_>| {
+            if let Some(r) = row.str(0) {
+                out.push(r.to_owned());
+            }
+        },
+    );
+    out
+}
+
+/// For each (kind, name): how many of the `baseline` entries name a run
+/// that has a visible signal of that kind and name, read from the index
+/// signal_versions_current_kind_name (kind, name, run_id).
+///
+/// Per pair, the baseline runs are probed in byte order: a probe positions
+/// at (kind, name, run) and decides that run (its entries come first); the
+/// entries after it are read on for a while, marking the other baseline
+/// runs they show present, so a pair found in few runs costs one descent
+/// instead of one per run. Only the first probe of each run decides its
+/// absence; the reading on only ever adds presence, so the order (bytes vs
+/// the index's collation) affects the cost, never the answer.
+fn presence_counts(
+    oid: pg_sys::Oid,
+    kinds: &[String],
+    names: &[String],
+    baseline: &[String],
+) -> Vec<u64> {
+    /// Entries read on past the probed run without finding another
+    /// baseline run before giving up (a descent costs about this much).
+    const READ_ON: u32 = 48;
+    let mut runs: Vec<&str> = baseline.iter().map(String::as_str).collect();
+    runs.sort_unstable();
+    runs.dedup();
+    let run_args: Vec<pg_sys::Datum> = runs.iter().map(|r| text_datum(r)).collect();
+    let mut ix = IndexScan::open(oid, 3, &[Col::Text, Col::Text, Col::Text]);
+    let mut counts = Vec::with_capacity(kinds.len());
+    let mut found = vec![false; runs.len()];
+    for (k, n) in kinds.iter().zip(names) {
+        let (kd, nd) = (text_datum(k), text_datum(n));
+        found.iter_mut().for_each(|x| *x = false);
+        let mut left = runs.len();
+        for j in 0..runs.len() {
+            if found[j] {
+                continue;
+            }
+            ix.rescan(&[
+                (1, BT_EQ, pg_sys::F_TEXTEQ, kd),
+                (2, BT_EQ, pg_sys::F_TEXTEQ, nd),
+                (3, BT_GE, pg_sys::F_TEXT_GE, run_args[j]),
+            ]);
+            let mut decided = false;
+            let mut idle = 0u32;
+            while ix.advance() {
+                let Some(run) = ix.str(2) else { continue };
+                let at = if run == runs[j] {
+                    Some(j)
+                } else {
+                    // Past the probed run's entries: absent unless found.
+                    decided = true;
+                    runs.binary_search(&run).ok()
+                };
+                match at {
+                    Some(i) if !found[i] && ix.visible() => {
+                        found[i] = true;
+                        left -= 1;
+                        idle = 0;
+                        if i == j {
+                            decided = true;
+                        }
+                    }
+                    _ => idle += 1,
+                }
+                if left == 0 || (decided && idle >= READ_ON) {
+                    break;
+                }
+            }
+            if left == 0 {
+                break;
+            }
+        }
+        counts.push(
+            baseline
+                .iter()
+                .filter(|b| runs.binary_search(&b.as_str()).is_ok_and(|i| found[i]))
+                .count() as u64,
+        );
+    }
+    counts
+}
+
 type WalkRow = (
     name!(depth, i32),
     name!(signal_id, String),
@@ -296,28 +404,43 @@ fn causality_walk(
     let (kinds, names): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
     let mut rarity: HashMap<(String, String), f64> = HashMap::new();
     if !kinds.is_empty() {
-        stream(
-            RARITY_SQL,
-            &[
-                DatumWithOid::from(f.test_name.as_str()),
-                DatumWithOid::from(ts(t)),
-                DatumWithOid::from(f.run_id.as_str()),
-                DatumWithOid::from(BASELINE_RUNS),
-                DatumWithOid::from(kinds),
-                DatumWithOid::from(names),
-            ],
-            4,
-            &mut |row: &Row<'_>| {
-                if let (Some(k), Some(n), Some(total), Some(c)) =
-                    (row.str(0), row.str(1), row.i64(2), row.i64(3))
-                {
-                    rarity.insert(
-                        (k.to_owned(), n.to_owned()),
-                        walk_core::rarity(c.max(0) as u64, total.max(0) as u64),
-                    );
+        let baseline = baseline_runs(&f.test_name, t, &f.run_id);
+        match verified_index(
+            "signal_versions_current_kind_name",
+            "signal_versions",
+            &[("kind", "text"), ("name", "text"), ("run_id", "text")],
+            3,
+        ) {
+            Some(oid) => {
+                let total = baseline.len() as u64;
+                let counts = presence_counts(oid, &kinds, &names, &baseline);
+                for ((k, n), c) in kinds.into_iter().zip(names).zip(counts) {
+                    rarity.insert((k, n), walk_core::rarity(c, total));
                 }
-            },
-        );
+            }
+            None => stream(
+                RARITY_SQL,
+                &[
+                    DatumWithOid::from(f.test_name.as_str()),
+                    DatumWithOid::from(ts(t)),
+                    DatumWithOid::from(f.run_id.as_str()),
+                    DatumWithOid::from(BASELINE_RUNS),
+                    DatumWithOid::from(kinds),
+                    DatumWithOid::from(names),
+                ],
+                4,
+                &mut |row: &Row<'_>| {
+                    if let (Some(k), Some(n), Some(total), Some(c)) =
+                        (row.str(0), row.str(1), row.i64(2), row.i64(3))
+                    {
+                        rarity.insert(
+                            (k.to_owned(), n.to_owned()),
+                            walk_core::rarity(c.max(0) as u64, total.max(0) as u64),
+                        );
+                    }
+                },
+            ),
+        }
     }
     let ranked = walk_core::rank(
         &cands,

@@ -12,6 +12,7 @@ pub mod stability_core;
 
 mod causality;
 mod resonance;
+mod index_scan;
 mod spi_stream;
 mod stability;
 

@@ -331,6 +331,67 @@ SET LOCAL liminal.infra_min_tests = 5;
         );
     }
 
+    /// The direct index scans (index_scan.rs) give what the SQL they
+    /// replace gives, with windows that cut through runs (so the stability
+    /// scan skips entries) and with a corrected result, whose superseded
+    /// version is still in the index but no longer current (so visibility
+    /// comes from the heap: nothing here is all-visible).
+    #[pg_test]
+    fn analytics_direct_scans_match_sql() {
+        use crate::analytics::index_scan::FORCE_SQL;
+        use std::sync::atomic::Ordering;
+        fixture();
+        Spi::run(
+            "SELECT liminal.correct_test_result('TR000000000000000000001001', 'failed', 'misfiled');
+             SELECT liminal.correct_test_result('TR000000000000000000000901', 'failed', 'misfiled')",
+        )
+        .unwrap();
+        let both = |sql: &str| -> (Vec<String>, Vec<String>) {
+            let rows = || -> Vec<String> {
+                Spi::connect(|c| {
+                    c.select(&format!("SELECT x::text FROM ({sql}) x"), None, &[])
+                        .unwrap()
+                        .map(|r| r.get::<String>(1).unwrap().unwrap())
+                        .collect()
+                })
+            };
+            FORCE_SQL.store(true, Ordering::Relaxed);
+            let by_sql = rows();
+            FORCE_SQL.store(false, Ordering::Relaxed);
+            (rows(), by_sql)
+        };
+        for window in ["1 day", "6 hours", "150 minutes", "61 minutes", "1 minute"] {
+            let (direct, by_sql) =
+                both(&format!("SELECT * FROM liminal.test_stability('{window}')"));
+            assert_eq!(direct, by_sql, "window {window}");
+            if window == "1 day" {
+                assert_eq!(direct.len(), 11);
+                // The corrections count: t.flaky now failed in runs 2, 5, 9, 10.
+                let flaky = direct.iter().find(|r| r.starts_with("(t.flaky,")).unwrap();
+                assert!(flaky.contains(",12,0.642857"), "{flaky}");
+            }
+        }
+        let failures: Vec<String> = Spi::connect(|c| {
+            c.select(
+                "SELECT id FROM liminal.test_results WHERE status IN ('failed', 'error') ORDER BY id",
+                None,
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get::<String>(1).unwrap().unwrap())
+            .collect()
+        });
+        assert!(failures.len() > 20);
+        for id in failures {
+            for args in ["", ", 1", ", 3, '20 minutes'"] {
+                let (direct, by_sql) = both(&format!(
+                    "SELECT * FROM liminal.causality_walk('{id}'{args})"
+                ));
+                assert_eq!(direct, by_sql, "{id}{args}");
+            }
+        }
+    }
+
     /// Message and hint of the error a statement raises (NULLs if none).
     fn error_of(sql: &str) -> (Option<String>, Option<String>) {
         Spi::run(
