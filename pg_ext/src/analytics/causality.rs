@@ -10,7 +10,7 @@
 use super::bad_argument;
 use super::causality_core::{self as walk_core, Candidate, WalkParams};
 use super::index_scan::{text_datum, verified_index, Col, IndexScan, BT_EQ, BT_GE};
-use super::spi_stream::{stream, Row, PG_EPOCH_OFFSET_US};
+use super::spi_stream::{stream, stream_cached, Row, PG_EPOCH_OFFSET_US};
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -86,7 +86,7 @@ fn load_failure(id: &str) -> Failure {
         Option<i64>,
     );
     let mut found: Option<Found> = None;
-    stream(
+    stream_cached(
         "SELECT r.run_id, r.test_name, r.status, r.started_at, r.duration_ms, ru.host, ru.started_at
          FROM liminal.test_result_versions r
          LEFT JOIN liminal.run_versions ru
@@ -185,7 +185,7 @@ FROM unnest($5::text[], $6::text[]) AS u(k, n)";
 /// passed, one per result (as RARITY_SQL's `b`).
 fn baseline_runs(test_name: &str, before: i64, failed_run: &str) -> Vec<String> {
     let mut out = Vec::new();
-    stream(
+    stream_cached(
         "SELECT run_id FROM liminal.test_result_versions
          WHERE tx_to = 'infinity' AND valid_to = 'infinity'
            AND test_name = $1 AND status = 'passed' AND started_at < $2 AND run_id <> $3
@@ -225,7 +225,9 @@ fn presence_counts(
 ) -> Vec<u64> {
     /// Entries read on past the probed run without finding another
     /// baseline run before giving up (a descent costs about this much).
-    const READ_ON: u32 = 48;
+    /// A pair whose read-on found nothing once is dense (many entries per
+    /// run): its remaining runs are only probed.
+    const READ_ON: u32 = 24;
     let mut runs: Vec<&str> = baseline.iter().map(String::as_str).collect();
     runs.sort_unstable();
     runs.dedup();
@@ -237,6 +239,7 @@ fn presence_counts(
         let (kd, nd) = (text_datum(k), text_datum(n));
         found.iter_mut().for_each(|x| *x = false);
         let mut left = runs.len();
+        let mut read_on = READ_ON;
         for j in 0..runs.len() {
             if found[j] {
                 continue;
@@ -248,6 +251,7 @@ fn presence_counts(
             ]);
             let mut decided = false;
             let mut idle = 0u32;
+            let mut gained = false;
             while ix.advance() {
                 let Some(run) = ix.str(2) else { continue };
                 let at = if run == runs[j] {
@@ -261,19 +265,28 @@ fn presence_counts(
                     Some(i) if !found[i] && ix.visible() => {
                         found[i] = true;
                         left -= 1;
-                        idle = 0;
                         if i == j {
                             decided = true;
+                        } else {
+                            gained = true;
+                            idle = 0;
                         }
                     }
-                    _ => idle += 1,
+                    _ => {
+                        if decided {
+                            idle += 1;
+                        }
+                    }
                 }
-                if left == 0 || (decided && idle >= READ_ON) {
+                if left == 0 || (decided && idle >= read_on) {
                     break;
                 }
             }
             if left == 0 {
                 break;
+            }
+            if !gained {
+                read_on = 0;
             }
         }
         counts.push(
@@ -334,7 +347,7 @@ fn causality_walk(
     let w_lo = t - window_us;
     let host = f.host.clone().unwrap_or_default();
     let mut cands: Vec<Candidate> = Vec::new();
-    stream(
+    stream_cached(
         CANDIDATES_SQL,
         &[
             DatumWithOid::from(f.run_id.as_str()),

@@ -14,7 +14,7 @@
 //! otherwise. Serializable transactions also take the SQL path: this scan
 //! takes no predicate locks.
 
-use super::spi_stream::{stream, Row};
+use super::spi_stream::{stream_cached, Row};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,7 +47,7 @@ pub fn verified_index(
     }
     // Through `stream` (a read-only SPI call), which parallel mode allows.
     let mut found: Option<pg_sys::Oid> = None;
-    stream(
+    stream_cached(
         "SELECT i.indexrelid::oid::int8 FROM pg_index i
          JOIN pg_class c ON c.oid = i.indexrelid
          JOIN pg_namespace n ON n.oid = c.relnamespace

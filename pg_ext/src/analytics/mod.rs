@@ -11,8 +11,8 @@ pub mod resonance_core;
 pub mod stability_core;
 
 mod causality;
-mod resonance;
 mod index_scan;
+mod resonance;
 mod spi_stream;
 mod stability;
 

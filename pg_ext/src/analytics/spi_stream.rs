@@ -9,6 +9,8 @@
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::CString;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -106,21 +108,70 @@ unsafe extern "C-unwind" fn r_noop(_self: *mut pg_sys::DestReceiver) {}
 /// for each row of its first `natts` columns. Errors are PostgreSQL errors
 /// (raised, as everywhere in a function body).
 pub fn stream(sql: &str, args: &[DatumWithOid<'_>], natts: usize, f: &mut dyn FnMut(&Row<'_>)) {
+    run(sql, None, args, natts, f)
+}
+
+/// As `stream`, with the plan prepared once per backend and kept
+/// (SPI_keepplan; the plan cache replans it after DDL). For the queries a
+/// short function runs on every call, where planning costs as much as
+/// executing.
+pub fn stream_cached(
+    sql: &'static str,
+    args: &[DatumWithOid<'_>],
+    natts: usize,
+    f: &mut dyn FnMut(&Row<'_>),
+) {
+    run(sql, Some(sql), args, natts, f)
+}
+
+/// A kept plan, by query text and argument types.
+type PlanKey = (&'static str, Vec<u32>);
+
+thread_local! {
+    // SAFETY: backends are single-threaded; the plans live in
+    // CacheMemoryContext until the backend exits.
+    static KEPT: RefCell<HashMap<PlanKey, usize>> = RefCell::new(HashMap::new());
+}
+
+fn run(
+    sql: &str,
+    keep: Option<&'static str>,
+    args: &[DatumWithOid<'_>],
+    natts: usize,
+    f: &mut dyn FnMut(&Row<'_>),
+) {
     let Ok(csql) = CString::new(sql) else {
         error!("internal: query text contains a NUL byte");
     };
     Spi::connect(|_client| unsafe {
         let mut argtypes: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
-        let plan = pg_sys::SPI_prepare_cursor(
-            csql.as_ptr(),
-            args.len() as i32,
-            argtypes.as_mut_ptr(),
-            pg_sys::CURSOR_OPT_PARALLEL_OK as i32,
-        );
-        if plan.is_null() {
-            let code = std::ptr::addr_of!(pg_sys::SPI_result).read();
-            error!("internal: SPI_prepare failed ({code})");
-        }
+        let key: Option<PlanKey> =
+            keep.map(|sql| (sql, argtypes.iter().map(|o| o.to_u32()).collect()));
+        let kept = key
+            .as_ref()
+            .and_then(|k| KEPT.with(|m| m.borrow().get(k).copied()));
+        let plan = match kept {
+            Some(p) => p as pg_sys::SPIPlanPtr,
+            None => {
+                let plan = pg_sys::SPI_prepare_cursor(
+                    csql.as_ptr(),
+                    args.len() as i32,
+                    argtypes.as_mut_ptr(),
+                    pg_sys::CURSOR_OPT_PARALLEL_OK as i32,
+                );
+                if plan.is_null() {
+                    let code = std::ptr::addr_of!(pg_sys::SPI_result).read();
+                    error!("internal: SPI_prepare failed ({code})");
+                }
+                if let Some(k) = key.clone() {
+                    if pg_sys::SPI_keepplan(plan) != 0 {
+                        error!("internal: SPI_keepplan failed");
+                    }
+                    KEPT.with(|m| m.borrow_mut().insert(k, plan as usize));
+                }
+                plan
+            }
+        };
         let params = if args.is_empty() {
             std::ptr::null_mut()
         } else {
@@ -162,6 +213,8 @@ pub fn stream(sql: &str, args: &[DatumWithOid<'_>], natts: usize, f: &mut dyn Fn
         if rc < 0 {
             error!("internal: SPI_execute_plan_extended failed ({rc})");
         }
-        pg_sys::SPI_freeplan(plan);
+        if key.is_none() {
+            pg_sys::SPI_freeplan(plan);
+        }
     })
 }
