@@ -296,6 +296,7 @@ fn presence_counts(
                 .count() as u64,
         );
     }
+    super::index_scan::DIRECT_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     counts
 }
 

@@ -17,10 +17,12 @@
 use super::spi_stream::{stream_cached, Row};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Tests set this to compare the direct scans with the SQL they replace.
 pub static FORCE_SQL: AtomicBool = AtomicBool::new(false);
+/// Direct reads that completed (tests check the direct path really ran).
+pub static DIRECT_READS: AtomicU64 = AtomicU64::new(0);
 
 /// The current-row predicate every analytics index carries, as
 /// `pg_get_expr` prints it.
@@ -231,7 +233,10 @@ impl IndexScan {
                 error!("internal: the index returned no tuple");
             }
             self.itup = itup as *const u8;
-            self.fast = self.read_tuple();
+            let t_info = u16::from_ne_bytes([*self.itup.add(6), *self.itup.add(7)]) as usize;
+            let size = t_info & pg_sys::INDEX_SIZE_MASK as usize;
+            let tup = std::slice::from_raw_parts(self.itup, size);
+            self.fast = read_tuple(tup, &self.layout, &mut self.spans);
             if !self.fast {
                 pg_sys::index_deform_tuple(
                     itup,
@@ -239,74 +244,6 @@ impl IndexScan {
                     self.values.as_mut_ptr(),
                     self.nulls.as_mut_ptr(),
                 );
-            }
-            true
-        }
-    }
-
-    /// Splits the current tuple into columns in Rust, as
-    /// index_deform_tuple would (itup.h, tupmacs.h), when it is the common
-    /// shape: no NULLs, each varlena inline and uncompressed. False
-    /// otherwise (PostgreSQL deforms it then).
-    fn read_tuple(&mut self) -> bool {
-        // SAFETY: itup points at a whole index tuple; every read below is
-        // bounds-checked against its size from t_info.
-        unsafe {
-            let t_info = u16::from_ne_bytes([*self.itup.add(6), *self.itup.add(7)]) as u32;
-            if t_info & pg_sys::INDEX_NULL_MASK != 0 {
-                return false;
-            }
-            let size = (t_info & pg_sys::INDEX_SIZE_MASK) as usize;
-            let tup = std::slice::from_raw_parts(self.itup, size);
-            // MAXALIGN(sizeof(IndexTupleData)) without a null bitmap.
-            let mut off = 8usize;
-            for (i, col) in self.layout.iter().enumerate() {
-                match col {
-                    Col::Int8 => {
-                        off = (off + 7) & !7;
-                        if off + 8 > size {
-                            return false;
-                        }
-                        self.spans[i] = (off, 8);
-                        off += 8;
-                    }
-                    Col::Text => {
-                        let Some(&b0) = tup.get(off) else {
-                            return false;
-                        };
-                        if b0 == 0 {
-                            // Padding before a 4-byte header.
-                            off = (off + 3) & !3;
-                        }
-                        let Some(&b) = tup.get(off) else { return false };
-                        if b == 0x01 {
-                            return false; // external (toast pointer)
-                        } else if b & 0x01 == 0x01 {
-                            let total = ((b >> 1) & 0x7F) as usize;
-                            if total < 1 || off + total > size {
-                                return false;
-                            }
-                            self.spans[i] = (off + 1, total - 1);
-                            off += total;
-                        } else {
-                            if b & 0x03 != 0 || off + 4 > size {
-                                return false; // compressed
-                            }
-                            let h = u32::from_ne_bytes([
-                                tup[off],
-                                tup[off + 1],
-                                tup[off + 2],
-                                tup[off + 3],
-                            ]);
-                            let total = ((h >> 2) & 0x3FFF_FFFF) as usize;
-                            if total < 4 || off + total > size {
-                                return false;
-                            }
-                            self.spans[i] = (off + 4, total - 4);
-                            off += total;
-                        }
-                    }
-                }
             }
             true
         }
@@ -335,19 +272,6 @@ impl IndexScan {
         self.text(i).and_then(|b| std::str::from_utf8(b).ok())
     }
 
-    /// Column `i` of the current entry as an i64 (an Int8 column).
-    #[inline]
-    pub fn i64(&self, i: usize) -> Option<i64> {
-        if self.fast {
-            let (off, _) = *self.spans.get(i)?;
-            // SAFETY: 8 bytes at off checked in read_tuple.
-            let b = unsafe { std::slice::from_raw_parts(self.itup.add(off), 8) };
-            Some(i64::from_ne_bytes(b.try_into().ok()?))
-        } else {
-            self.row().i64(i)
-        }
-    }
-
     /// Whether the current entry's row is visible to the snapshot: its heap
     /// page is all-visible, or a heap fetch finds a visible version.
     pub fn visible(&mut self) -> bool {
@@ -361,6 +285,328 @@ impl IndexScan {
                 || pg_sys::index_fetch_heap(self.scan, self.slot)
         }
     }
+}
+
+/// Splits an index tuple (`tup`: exactly its bytes) into columns in Rust,
+/// as index_deform_tuple would (itup.h, tupmacs.h), when it is the common
+/// shape: no NULLs, each varlena inline and uncompressed. `spans` gets
+/// (offset, length) per column. False otherwise (PostgreSQL deforms it then).
+fn read_tuple(tup: &[u8], layout: &[Col], spans: &mut [(usize, usize)]) -> bool {
+    let size = tup.len();
+    if size < 8 {
+        return false;
+    }
+    let t_info = u16::from_ne_bytes([tup[6], tup[7]]) as u32;
+    if t_info & pg_sys::INDEX_NULL_MASK != 0 {
+        return false;
+    }
+    // MAXALIGN(sizeof(IndexTupleData)) without a null bitmap.
+    let mut off = 8usize;
+    for (i, col) in layout.iter().enumerate() {
+        match col {
+            Col::Int8 => {
+                off = (off + 7) & !7;
+                if off + 8 > size {
+                    return false;
+                }
+                spans[i] = (off, 8);
+                off += 8;
+            }
+            Col::Text => {
+                let Some(&b0) = tup.get(off) else {
+                    return false;
+                };
+                if b0 == 0 {
+                    // Padding before a 4-byte header.
+                    off = (off + 3) & !3;
+                }
+                let Some(&b) = tup.get(off) else {
+                    return false;
+                };
+                if b == 0x01 {
+                    return false; // external (toast pointer)
+                } else if b & 0x01 == 0x01 {
+                    let total = ((b >> 1) & 0x7F) as usize;
+                    if total < 1 || off + total > size {
+                        return false;
+                    }
+                    spans[i] = (off + 1, total - 1);
+                    off += total;
+                } else {
+                    if b & 0x03 != 0 || off + 4 > size {
+                        return false; // compressed
+                    }
+                    let h =
+                        u32::from_ne_bytes([tup[off], tup[off + 1], tup[off + 2], tup[off + 3]]);
+                    let total = ((h >> 2) & 0x3FFF_FFFF) as usize;
+                    if total < 4 || off + total > size {
+                        return false;
+                    }
+                    spans[i] = (off + 4, total - 4);
+                    off += total;
+                }
+            }
+        }
+    }
+    true
+}
+
+/// One leaf entry read by `IndexScan::scan_leaves`: its columns.
+pub struct Entry<'a> {
+    tup: &'a [u8],
+    spans: &'a [(usize, usize)],
+}
+
+impl<'a> Entry<'a> {
+    #[inline]
+    pub fn text(&self, i: usize) -> Option<&'a [u8]> {
+        let (off, len) = *self.spans.get(i)?;
+        self.tup.get(off..off + len)
+    }
+
+    #[inline]
+    pub fn i64(&self, i: usize) -> Option<i64> {
+        let (off, _) = *self.spans.get(i)?;
+        Some(i64::from_ne_bytes(
+            self.tup.get(off..off + 8)?.try_into().ok()?,
+        ))
+    }
+}
+
+/// Why the leaf reader gave up (the caller then uses SQL).
+#[derive(Debug)]
+pub struct Unreadable(pub &'static str);
+
+// nbtree.h (PostgreSQL 14 and later): the special space of a btree page,
+// and the metapage.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct BtPageOpaque {
+    btpo_prev: u32,
+    btpo_next: u32,
+    btpo_level: u32,
+    btpo_flags: u16,
+    btpo_cycleid: u16,
+}
+const BTP_DELETED: u16 = 1 << 2;
+const BTP_HALF_DEAD: u16 = 1 << 4;
+const BTREE_MAGIC: u32 = 0x053162;
+const P_NONE: u32 = 0;
+/// Flags of t_tid's offset in a posting list tuple (nbtree.h).
+const INDEX_ALT_TID_MASK: u16 = 0x2000;
+const BT_IS_POSTING: u16 = 0x2000;
+const BT_OFFSET_MASK: u16 = 0x0FFF;
+const SIZE_OF_PAGE_HEADER: usize = 24;
+const LP_NORMAL: u32 = 1;
+
+impl IndexScan {
+    /// Reads a page of the index into `page` (a copy made under a share
+    /// lock; the buffer stays pinned, as an index-only scan keeps its leaf
+    /// pinned while it checks the visibility map: see nbtree's README).
+    /// Returns the pinned buffer, which the caller releases.
+    fn read_page(&self, blk: u32, page: &mut [u8; pg_sys::BLCKSZ as usize]) -> pg_sys::Buffer {
+        // SAFETY: standard buffer manager calls on a permanent index; the
+        // copy is taken while the share lock is held.
+        unsafe {
+            let buf = pg_sys::ReadBufferExtended(
+                self.index,
+                pg_sys::ForkNumber::MAIN_FORKNUM,
+                blk,
+                pg_sys::ReadBufferMode::RBM_NORMAL,
+                std::ptr::null_mut(),
+            );
+            if buf <= 0 {
+                error!("internal: unexpected local buffer for an index");
+            }
+            pg_sys::LockBuffer(buf, pg_sys::BUFFER_LOCK_SHARE as i32);
+            let p = pg_sys::BufferGetPage(buf) as *const u8;
+            std::ptr::copy_nonoverlapping(p, page.as_mut_ptr(), page.len());
+            pg_sys::LockBuffer(buf, pg_sys::BUFFER_LOCK_UNLOCK as i32);
+            buf
+        }
+    }
+
+    fn opaque(page: &[u8]) -> Option<BtPageOpaque> {
+        let special = u16::from_ne_bytes([page[16], page[17]]) as usize;
+        let b = page.get(special..special + std::mem::size_of::<BtPageOpaque>())?;
+        // SAFETY: BtPageOpaque is plain old data of exactly b's length.
+        Some(unsafe { std::ptr::read_unaligned(b.as_ptr() as *const BtPageOpaque) })
+    }
+
+    /// The leftmost leaf page, by descending from the (fast) root along
+    /// each level's first downlink, as _bt_get_endpoint does.
+    fn leftmost_leaf(&self, page: &mut [u8; pg_sys::BLCKSZ as usize]) -> Result<u32, Unreadable> {
+        let buf = self.read_page(0, page);
+        // SAFETY: releasing the pin read_page took.
+        unsafe { pg_sys::ReleaseBuffer(buf) };
+        let meta = &page[SIZE_OF_PAGE_HEADER..SIZE_OF_PAGE_HEADER + 24];
+        let word = |i: usize| u32::from_ne_bytes([meta[i], meta[i + 1], meta[i + 2], meta[i + 3]]);
+        let (magic, version, fastroot) = (word(0), word(4), word(16));
+        if magic != BTREE_MAGIC || !(2..=4).contains(&version) {
+            return Err(Unreadable("not a btree metapage of a known version"));
+        }
+        if fastroot == P_NONE {
+            return Ok(P_NONE); // empty index
+        }
+        let mut blk = fastroot;
+        for _ in 0..10_000 {
+            let buf = self.read_page(blk, page);
+            // SAFETY: releasing the pin read_page took.
+            unsafe { pg_sys::ReleaseBuffer(buf) };
+            let o = Self::opaque(page).ok_or(Unreadable("bad special space"))?;
+            if o.btpo_flags & (BTP_DELETED | BTP_HALF_DEAD) != 0 {
+                if o.btpo_next == P_NONE {
+                    return Err(Unreadable("fell off the end of a level"));
+                }
+                blk = o.btpo_next;
+                continue;
+            }
+            if o.btpo_level == 0 {
+                return Ok(blk);
+            }
+            // First data item: 1 on a rightmost page, else 2 (1 = high key).
+            let first = if o.btpo_next == P_NONE { 1 } else { 2 };
+            let (off, _len) = line_pointer(page, first).ok_or(Unreadable("empty internal page"))?;
+            let t = page.get(off..off + 6).ok_or(Unreadable("bad downlink"))?;
+            blk = (u16::from_ne_bytes([t[0], t[1]]) as u32) << 16
+                | u16::from_ne_bytes([t[2], t[3]]) as u32;
+        }
+        Err(Unreadable("no leaf level"))
+    }
+
+    /// Reads every leaf entry in index order straight from the pages: the
+    /// executor-free equivalent of an unqualified index-only scan, without
+    /// per-entry calls into the btree code. `want` decides from the columns
+    /// whether an entry matters; `take` gets each wanted entry whose row is
+    /// visible (once per heap row, posting lists included).
+    ///
+    /// Concurrency as in a btree forward scan: each page is read whole
+    /// under a share lock and the walk follows its right-link, so a
+    /// concurrent split (which moves entries right) neither loses nor
+    /// repeats entries; deleted and half-dead pages are stepped over.
+    pub fn scan_leaves(
+        &mut self,
+        mut want: impl FnMut(&Entry<'_>) -> bool,
+        mut take: impl FnMut(&Entry<'_>),
+    ) -> Result<(), Unreadable> {
+        let mut page = Box::new([0u8; pg_sys::BLCKSZ as usize]);
+        let mut spans = vec![(0usize, 0usize); self.natts];
+        let mut blk = self.leftmost_leaf(&mut page)?;
+        let mut pages = 0u64;
+        while blk != P_NONE {
+            pages += 1;
+            if pages > u32::MAX as u64 {
+                return Err(Unreadable("right-links loop"));
+            }
+            pg_sys::check_for_interrupts!();
+            let buf = self.read_page(blk, &mut page);
+            let o = match Self::opaque(&page[..]) {
+                Some(o) => o,
+                None => {
+                    // SAFETY: releasing the pin read_page took.
+                    unsafe { pg_sys::ReleaseBuffer(buf) };
+                    return Err(Unreadable("bad special space"));
+                }
+            };
+            let next = o.btpo_next;
+            if o.btpo_flags & (BTP_DELETED | BTP_HALF_DEAD) == 0 {
+                if o.btpo_level != 0 {
+                    // SAFETY: as above.
+                    unsafe { pg_sys::ReleaseBuffer(buf) };
+                    return Err(Unreadable("right-link left the leaf level"));
+                }
+                let first = if next == P_NONE { 1 } else { 2 };
+                let n = (u16::from_ne_bytes([page[12], page[13]]) as usize)
+                    .saturating_sub(SIZE_OF_PAGE_HEADER)
+                    / 4;
+                for item in first..=n {
+                    let Some((off, len)) = line_pointer(&page[..], item) else {
+                        continue; // unused or killed (LP_DEAD): skipped as btree does
+                    };
+                    let Some(tup) = page.get(off..off + len) else {
+                        continue;
+                    };
+                    let t_info = u16::from_ne_bytes([tup[6], tup[7]]);
+                    let size = (t_info as u32 & pg_sys::INDEX_SIZE_MASK) as usize;
+                    let posid = u16::from_ne_bytes([tup[4], tup[5]]);
+                    let posting = t_info & INDEX_ALT_TID_MASK != 0 && posid & BT_IS_POSTING != 0;
+                    // A posting list tuple's columns end where its TIDs begin.
+                    let (cols_end, ntids, tids_at) = if posting {
+                        let at = (u16::from_ne_bytes([tup[0], tup[1]]) as usize) << 16
+                            | u16::from_ne_bytes([tup[2], tup[3]]) as usize;
+                        (at, (posid & BT_OFFSET_MASK) as usize, at)
+                    } else {
+                        (size.min(len), 1, 0)
+                    };
+                    let Some(cols) = tup.get(..cols_end) else {
+                        continue;
+                    };
+                    if !read_tuple(cols, &self.layout, &mut spans) {
+                        // SAFETY: as above.
+                        unsafe { pg_sys::ReleaseBuffer(buf) };
+                        return Err(Unreadable("an entry in an unusual form"));
+                    }
+                    let entry = Entry {
+                        tup: cols,
+                        spans: &spans,
+                    };
+                    if !want(&entry) {
+                        continue;
+                    }
+                    for k in 0..ntids {
+                        let t = if posting {
+                            match tup.get(tids_at + 6 * k..tids_at + 6 * k + 6) {
+                                Some(t) => t,
+                                None => break,
+                            }
+                        } else {
+                            &tup[0..6]
+                        };
+                        let tid = pg_sys::ItemPointerData {
+                            ip_blkid: pg_sys::BlockIdData {
+                                bi_hi: u16::from_ne_bytes([t[0], t[1]]),
+                                bi_lo: u16::from_ne_bytes([t[2], t[3]]),
+                            },
+                            ip_posid: u16::from_ne_bytes([t[4], t[5]]),
+                        };
+                        if self.tid_visible(tid) {
+                            take(&entry);
+                        }
+                    }
+                }
+            }
+            // SAFETY: the leaf's pin is released once its entries are checked.
+            unsafe { pg_sys::ReleaseBuffer(buf) };
+            blk = next;
+        }
+        DIRECT_READS.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether the heap row `tid` points at is visible: all-visible page,
+    /// else a heap fetch (HOT chains followed) under the snapshot.
+    fn tid_visible(&mut self, tid: pg_sys::ItemPointerData) -> bool {
+        // SAFETY: the scan's heap fetch state belongs to the heap relation;
+        // xs_heaptid is only read by index_fetch_heap.
+        unsafe {
+            let blk = (tid.ip_blkid.bi_hi as u32) << 16 | tid.ip_blkid.bi_lo as u32;
+            let status = pg_sys::visibilitymap_get_status(self.heap, blk, &mut self.vmbuf) as u32;
+            if status & pg_sys::VISIBILITYMAP_ALL_VISIBLE != 0 {
+                return true;
+            }
+            (*self.scan).xs_heaptid = tid;
+            pg_sys::index_fetch_heap(self.scan, self.slot)
+        }
+    }
+}
+
+/// Item `n` (1-based) of a page: (offset, length) when it is LP_NORMAL.
+fn line_pointer(page: &[u8], n: usize) -> Option<(usize, usize)> {
+    let at = SIZE_OF_PAGE_HEADER + 4 * (n - 1);
+    let w = u32::from_ne_bytes(page.get(at..at + 4)?.try_into().ok()?);
+    // ItemIdData bit fields: lp_off:15, lp_flags:2, lp_len:15.
+    let (off, flags, len) = ((w & 0x7FFF) as usize, (w >> 15) & 0x3, (w >> 17) as usize);
+    (flags == LP_NORMAL && len >= 8).then_some((off, len))
 }
 
 impl Drop for IndexScan {
@@ -384,7 +630,6 @@ impl Drop for IndexScan {
 
 pub const BT_EQ: u32 = pg_sys::BTEqualStrategyNumber;
 pub const BT_GE: u32 = pg_sys::BTGreaterEqualStrategyNumber;
-pub const BT_GT: u32 = pg_sys::BTGreaterStrategyNumber;
 
 /// A `text` datum for a scan key, palloc'd in the current memory context.
 pub fn text_datum(s: &str) -> pg_sys::Datum {

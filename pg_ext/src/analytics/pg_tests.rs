@@ -338,7 +338,7 @@ SET LOCAL liminal.infra_min_tests = 5;
     /// comes from the heap: nothing here is all-visible).
     #[pg_test]
     fn analytics_direct_scans_match_sql() {
-        use crate::analytics::index_scan::FORCE_SQL;
+        use crate::analytics::index_scan::{DIRECT_READS, FORCE_SQL};
         use std::sync::atomic::Ordering;
         fixture();
         Spi::run(
@@ -346,7 +346,20 @@ SET LOCAL liminal.infra_min_tests = 5;
              SELECT liminal.correct_test_result('TR000000000000000000000901', 'failed', 'misfiled')",
         )
         .unwrap();
-        let both = |sql: &str| -> (Vec<String>, Vec<String>) {
+        // Enough results for hundreds of leaf pages of each index (the
+        // stability scan walks them by right-links), some in runs without
+        // a run row.
+        Spi::run(
+            "INSERT INTO liminal.test_result_versions (id, run_id, test_name, status, started_at, duration_ms, valid_from)
+             SELECT 'BK' || lpad((r * 1000 + i)::text, 24, '0'), 'BULKRUN' || lpad(r::text, 19, '0'),
+                    'bulk.' || lpad(i::text, 4, '0'),
+                    CASE WHEN (r * 7 + i * 13) % 17 = 0 THEN 'failed' WHEN i % 29 = 0 THEN 'skipped' ELSE 'passed' END,
+                    now() - interval '20 hours' + r * interval '6 minutes' + i * interval '10 ms', 10,
+                    now() - interval '20 hours' + r * interval '6 minutes'
+             FROM generate_series(1, 150) r, generate_series(1, 200) i",
+        )
+        .unwrap();
+        let both = |sql: &str| -> (Vec<String>, Vec<String>, bool) {
             let rows = || -> Vec<String> {
                 Spi::connect(|c| {
                     c.select(&format!("SELECT x::text FROM ({sql}) x"), None, &[])
@@ -356,16 +369,28 @@ SET LOCAL liminal.infra_min_tests = 5;
                 })
             };
             FORCE_SQL.store(true, Ordering::Relaxed);
+            let before = DIRECT_READS.load(Ordering::Relaxed);
             let by_sql = rows();
+            assert_eq!(DIRECT_READS.load(Ordering::Relaxed), before);
             FORCE_SQL.store(false, Ordering::Relaxed);
-            (rows(), by_sql)
+            let direct = rows();
+            let used = DIRECT_READS.load(Ordering::Relaxed) > before;
+            (direct, by_sql, used)
         };
-        for window in ["1 day", "6 hours", "150 minutes", "61 minutes", "1 minute"] {
-            let (direct, by_sql) =
+        for window in [
+            "1 day",
+            "10 hours",
+            "6 hours",
+            "150 minutes",
+            "61 minutes",
+            "1 minute",
+        ] {
+            let (direct, by_sql, used) =
                 both(&format!("SELECT * FROM liminal.test_stability('{window}')"));
+            assert!(used, "the direct path did not run");
             assert_eq!(direct, by_sql, "window {window}");
             if window == "1 day" {
-                assert_eq!(direct.len(), 11);
+                assert_eq!(direct.len(), 211);
                 // The corrections count: t.flaky now failed in runs 2, 5, 9, 10.
                 let flaky = direct.iter().find(|r| r.starts_with("(t.flaky,")).unwrap();
                 assert!(flaky.contains(",12,0.642857"), "{flaky}");
@@ -373,7 +398,7 @@ SET LOCAL liminal.infra_min_tests = 5;
         }
         let failures: Vec<String> = Spi::connect(|c| {
             c.select(
-                "SELECT id FROM liminal.test_results WHERE status IN ('failed', 'error') ORDER BY id",
+                "SELECT id FROM liminal.test_results WHERE status IN ('failed', 'error') AND id LIKE 'TR%' ORDER BY id",
                 None,
                 &[],
             )
@@ -382,14 +407,18 @@ SET LOCAL liminal.infra_min_tests = 5;
             .collect()
         });
         assert!(failures.len() > 20);
+        let mut direct_walks = 0;
         for id in failures {
             for args in ["", ", 1", ", 3, '20 minutes'"] {
-                let (direct, by_sql) = both(&format!(
+                let (direct, by_sql, used) = both(&format!(
                     "SELECT * FROM liminal.causality_walk('{id}'{args})"
                 ));
                 assert_eq!(direct, by_sql, "{id}{args}");
+                direct_walks += used as usize;
             }
         }
+        // A walk that reaches no signal asks no rarity.
+        assert!(direct_walks > 20, "{direct_walks}");
     }
 
     /// Message and hint of the error a statement raises (NULLs if none).
