@@ -3,8 +3,11 @@
 //! (input digest incl. the image tree digest, helper spawn, facts, cleanup).
 //!
 //! `sandbox-latency --helper BIN --rootfs DIR --state DIR --runs N`
-//! prints one JSON object: per-run milliseconds for the whole engine run and
-//! for the image resolution (the rootfs tree digest) inside it.
+//! prints one JSON object: per-run milliseconds for the whole engine run
+//! through the warm fork server (`engine_ms`), with a helper spawned per run
+//! (`spawn_ms`, `LIMINAL_SANDBOX_PREFORK=0`), and for the image resolution
+//! (the rootfs tree digest) inside a run. The two modes alternate run by run,
+//! so a change in the machine's load hits both alike.
 
 use liminal_engine::runner::{self, CancelHandle, EngineConfig, RunRequest};
 use liminal_facts::RunStatus;
@@ -55,8 +58,13 @@ fn real_main() -> Result<(), String> {
         credentials_dir: None,
     };
     let mut engine_ms = Vec::new();
+    let mut spawn_ms = Vec::new();
     let mut image_ms = Vec::new();
-    for i in 0..runs + 5 {
+    for i in 0..2 * (runs + 5) {
+        let spawn = i % 2 == 1;
+        // Read by the engine at each run; this program has no other thread
+        // that reads the environment.
+        std::env::set_var("LIMINAL_SANDBOX_PREFORK", if spawn { "0" } else { "1" });
         let t = Instant::now();
         liminal_engine::image::resolve(&plan.image, &cfg.cache_dir).map_err(|e| e.to_string())?;
         let image = t.elapsed().as_secs_f64() * 1e3;
@@ -76,15 +84,19 @@ fn real_main() -> Result<(), String> {
         if out.status != RunStatus::Passed {
             return Err(format!("run {i}: {:?} {:?}", out.status, out.reason));
         }
-        // The first five are warm-up.
-        if i >= 5 {
-            engine_ms.push(ms);
+        // The first five of each mode are warm-up.
+        if i >= 10 {
+            if spawn {
+                spawn_ms.push(ms);
+            } else {
+                engine_ms.push(ms);
+            }
             image_ms.push(image);
         }
     }
     println!(
         "{}",
-        serde_json::json!({ "engine_ms": engine_ms, "image_resolve_ms": image_ms })
+        serde_json::json!({ "engine_ms": engine_ms, "spawn_ms": spawn_ms, "image_resolve_ms": image_ms })
     );
     Ok(())
 }

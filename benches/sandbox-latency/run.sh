@@ -7,8 +7,9 @@
 #   liminal engine path (liminal_engine::run per run, as liminald does:
 #   input digest, facts, cleanup included), through the warm fork server
 #   (the default) and with a helper spawned per run
-#   (LIMINAL_SANDBOX_PREFORK=0); the raw loop also once with every cgroup
-#   v1 hierarchy (LIMINAL_SANDBOX_ALL_CGROUPS=1, as before the trim),
+#   (LIMINAL_SANDBOX_PREFORK=0), alternating run by run; the raw loop also
+#   with every cgroup v1 hierarchy (LIMINAL_SANDBOX_ALL_CGROUPS=1, as before
+#   the helper detached the unused ones),
 # plus host /bin/true as the floor. Prints medians, p95 and ratios; writes
 # raw numbers to $OUT (default a temp dir, kept). Needs root, hyperfine,
 # runc, crun, bubblewrap, python3.
@@ -27,6 +28,7 @@ bin=$CARGO_TARGET_DIR/release
 rootfs=$(bash "$root/oci/images/busybox.sh")
 OUT=${OUT:-$(mktemp -d /tmp/liminal-bench.XXXXXX)}
 mkdir -p "$OUT"; chmod 755 "$OUT"
+rm -f "$OUT"/*.json "$OUT"/*.jsonl
 mkdir -p "$OUT/state" "$OUT/runc/rootfs"
 
 # runc/crun bundle: runc's default spec, /bin/true, read-only busybox rootfs
@@ -42,17 +44,13 @@ c["process"]["args"] = ["/bin/true"]
 json.dump(c, open(p, "w"))
 PY
 
-hf() { hyperfine -N --style none --runs "$RUNS" --warmup "$WARMUP" --export-json "$@" >/dev/null; }
-echo "host /bin/true ..." >&2
-hf "$OUT/host.json" /bin/true
-echo "bwrap ..." >&2
-hf "$OUT/bwrap.json" "bwrap --unshare-all --die-with-parent --ro-bind $rootfs / --proc /proc --dev /dev /bin/true"
-echo "runc ..." >&2
-hf "$OUT/runc.json" "runc run --bundle $OUT/runc liminal-bench-runc"
-echo "crun ..." >&2
-unshare -m bash -c "umount /sys/fs/cgroup/unified && $(declare -f hf); RUNS=$RUNS WARMUP=$WARMUP; hf $OUT/crun.json 'crun run --bundle $OUT/runc liminal-bench-crun'"
+# The candidates run in ROUNDS rounds (default 4) of RUNS/ROUNDS runs each,
+# so a change in the machine's load (other builds on it) spreads over all of
+# them instead of hitting whichever ran at that moment.
+ROUNDS=${ROUNDS:-4}
+per=$(( (RUNS + ROUNDS - 1) / ROUNDS ))
+hf() { hyperfine -N --style none --runs "$per" --warmup "$WARMUP" --export-json "$@" >/dev/null 2>&1; }
 
-echo "liminal raw helper loop ..." >&2
 mkdir -p "$OUT/raw/work" "$OUT/raw/tmp"
 chown 100000:100000 "$OUT/raw/work" "$OUT/raw/tmp"
 cg=$(awk -F: '$2 ~ /(^|,)memory(,|$)/ {print $3}' /proc/self/cgroup)
@@ -65,18 +63,22 @@ cat > "$OUT/raw/job.json" <<JSON
 "cgroup_path":"${cg%/}/liminal-bench-raw","preserved_fds":0,"stdout_fd":5,"stderr_fd":6,"report_fd":7,"timeout_ms":60000,"kill_grace_ms":2000,
 "rlimits":[{"kind":"RLIMIT_NOFILE","soft":4096,"hard":4096}],"writable_paths":["/workspace","/tmp"],"reset_clocks":true}
 JSON
-"$bin/liminal-sandbox" --bench-loop $((RUNS + WARMUP)) < "$OUT/raw/job.json" 5>/dev/null 6>/dev/null 7>/dev/null \
-  | tail -n "$RUNS" > "$OUT/raw.jsonl"
-echo "liminal raw helper loop, every cgroup v1 hierarchy (before the trim) ..." >&2
-LIMINAL_SANDBOX_ALL_CGROUPS=1 "$bin/liminal-sandbox" --bench-loop $((RUNS + WARMUP)) < "$OUT/raw/job.json" \
-  5>/dev/null 6>/dev/null 7>/dev/null | tail -n "$RUNS" > "$OUT/raw-allcg.jsonl"
+raw_loop() {
+  "$bin/liminal-sandbox" --bench-loop $((per + WARMUP)) < "$OUT/raw/job.json" 5>/dev/null 6>/dev/null 7>/dev/null \
+    | tail -n "$per"
+}
 
-echo "liminal engine path (warm fork server) ..." >&2
-"$bin/examples/sandbox-latency" --helper "$bin/liminal-sandbox" --rootfs "$rootfs" \
-  --state "$OUT/state" --runs "$RUNS" > "$OUT/engine.json"
-echo "liminal engine path (a helper spawned per run) ..." >&2
-LIMINAL_SANDBOX_PREFORK=0 "$bin/examples/sandbox-latency" --helper "$bin/liminal-sandbox" \
-  --rootfs "$rootfs" --state "$OUT/state" --runs "$RUNS" > "$OUT/engine-spawn.json"
+for r in $(seq 1 "$ROUNDS"); do
+  echo "round $r/$ROUNDS: host, bwrap, runc, crun, liminal raw loop (trimmed and all cgroups), liminal engine (fork server and spawn) ..." >&2
+  hf "$OUT/host.$r.json" /bin/true
+  hf "$OUT/bwrap.$r.json" "bwrap --unshare-all --die-with-parent --ro-bind $rootfs / --proc /proc --dev /dev /bin/true"
+  hf "$OUT/runc.$r.json" "runc run --bundle $OUT/runc liminal-bench-runc"
+  unshare -m bash -c "umount /sys/fs/cgroup/unified && $(declare -f hf); per=$per WARMUP=$WARMUP; hf $OUT/crun.$r.json 'crun run --bundle $OUT/runc liminal-bench-crun'"
+  raw_loop >> "$OUT/raw.jsonl"
+  LIMINAL_SANDBOX_ALL_CGROUPS=1 raw_loop >> "$OUT/raw-allcg.jsonl"
+  "$bin/examples/sandbox-latency" --helper "$bin/liminal-sandbox" --rootfs "$rootfs" \
+    --state "$OUT/state" --runs "$per" > "$OUT/engine.$r.json"
+done
 
 python3 - "$OUT" <<'PY'
 import json, sys, statistics
@@ -84,17 +86,18 @@ out = sys.argv[1]
 def q(xs, p):
     xs = sorted(xs); k = (len(xs) - 1) * p; f = int(k); c = min(f + 1, len(xs) - 1)
     return xs[f] + (xs[c] - xs[f]) * (k - f)
+import glob
 rows = {}
 for name in ["host", "bwrap", "runc", "crun"]:
-    rows[name] = [t * 1e3 for t in json.load(open(f"{out}/{name}.json"))["results"][0]["times"]]
+    rows[name] = [t * 1e3 for f in sorted(glob.glob(f"{out}/{name}.*.json"))
+                  for t in json.load(open(f))["results"][0]["times"]]
 raw = [json.loads(l) for l in open(f"{out}/raw.jsonl")]
 raw_all = [json.loads(l) for l in open(f"{out}/raw-allcg.jsonl")]
 rows["liminal raw loop"] = [r["total_us"] / 1e3 for r in raw]
 rows["raw, all cgroups"] = [r["total_us"] / 1e3 for r in raw_all]
-eng = json.load(open(f"{out}/engine.json"))
-rows["liminal engine"] = eng["engine_ms"]
-eng_spawn = json.load(open(f"{out}/engine-spawn.json"))
-rows["engine, spawn/run"] = eng_spawn["engine_ms"]
+engs = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/engine.*.json"))]
+rows["liminal engine"] = [x for e in engs for x in e["engine_ms"]]
+rows["engine, spawn/run"] = [x for e in engs for x in e["spawn_ms"]]
 med = {k: statistics.median(v) for k, v in rows.items()}
 print(f"{'':18} {'n':>4} {'median ms':>10} {'p95 ms':>8} {'/crun':>6} {'/bwrap':>7}")
 for k, v in rows.items():
@@ -102,6 +105,6 @@ for k, v in rows.items():
 def part(rs, key): return statistics.median(r[key] for r in rs) / 1e3
 for name, rs in [("raw loop", raw), ("raw, all cgroups", raw_all)]:
     print(f"{name} phases (median ms): create {part(rs, 'create_us'):.2f}, start {part(rs, 'start_us'):.2f}, wait {part(rs, 'wait_us'):.2f}, delete {part(rs, 'delete_us'):.2f}")
-print(f"engine: image resolve (rootfs tree digest) median {statistics.median(eng['image_resolve_ms']):.2f} ms per run")
+print(f"engine: image resolve (rootfs tree digest) median {statistics.median(x for e in engs for x in e['image_resolve_ms']):.2f} ms per run")
 print(f"raw numbers in {out}")
 PY
