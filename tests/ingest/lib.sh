@@ -6,6 +6,8 @@
 # Callers hold /work/pgrx.lock (or $LIMINAL_PG_LOCK) — the extension is
 # installed into the one system PostgreSQL — and set:
 #   EMITTER  path to the fact-emitter binary
+#   EXTRA_PG_CONF  optional lines appended to postgresql.conf (e.g. auto_explain)
+#   KEEP_TMP       keep the temp dir (logs, data) for a look afterwards
 # The extension must be installed: `cargo pgrx install --pg-config ...`.
 set -euo pipefail
 
@@ -73,6 +75,7 @@ restart_after_crash = on
 synchronous_commit = ${SYNC_COMMIT:-on}
 shared_buffers = '256MB'
 max_wal_size = '4GB'
+${EXTRA_PG_CONF:-}
 CONF
     "${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$T/pg.log" -w start >/dev/null
 }

@@ -1,19 +1,25 @@
 //! Writing facts into the version tables. Runs on the worker's main thread
 //! inside a transaction (pgrx asserts SPI is used from that thread).
 //!
-//! A batch is written in one transaction with its cursor row. Fast path: all
-//! facts of a kind whose entity is new and appears once in the batch go in
-//! with one `INSERT ... SELECT FROM unnest(...)`; the others (progressions,
-//! corrections, repeats) go one by one through `liminal._make_room`. The fast
-//! path runs in a subtransaction: if anything in it fails, it is rolled back
-//! and every fact is retried in its own subtransaction, so one bad fact lands
-//! in `liminal.ingest_errors` instead of rolling back the batch.
+//! A batch is written in one transaction with its cursor row. Fast path:
+//! every fact goes in as a new entity's first version with one
+//! `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING` per kind; the
+//! few the unique indexes turn away (progressions, corrections, an entity
+//! repeated within the batch, a fact already stored) then go one by one, in
+//! seq order, through [`make_room`]. The fast path runs in a subtransaction:
+//! if anything in it fails, it is rolled back and every fact is retried in
+//! its own subtransaction, so one bad fact lands in `liminal.ingest_errors`
+//! instead of rolling back the batch. Every statement runs on a plan kept for
+//! the backend's life ([`run_cached`]).
 
 use liminal_facts::{FactBody, Timestamp};
 use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::PgOid;
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 
 /// A fact as it came over the bus: `(seq, kind, json)`.
 #[derive(Debug, Clone)]
@@ -117,14 +123,14 @@ const INSERT_RUNS: &str = "INSERT INTO liminal.run_versions
   SELECT u.*, $1 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::text[],
      $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[], $13::timestamptz[],
      $14::timestamptz[], $15::bigint[]) AS u
-  ON CONFLICT (fact_id) DO NOTHING";
+  {conflict} RETURNING seq";
 
 const INSERT_TESTS: &str = "INSERT INTO liminal.test_result_versions
     (fact_id, id, run_id, test_name, status, started_at, duration_ms, message,
      valid_from, valid_to, seq, source)
   SELECT u.*, $1 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
      $7::timestamptz[], $8::bigint[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::bigint[]) AS u
-  ON CONFLICT (fact_id) DO NOTHING";
+  {conflict} RETURNING seq";
 
 const INSERT_SIGNALS: &str = "INSERT INTO liminal.signal_versions
     (fact_id, id, run_id, test_result_id, kind, name, at, value, attrs, valid_from, valid_to, seq, source)
@@ -132,13 +138,13 @@ const INSERT_SIGNALS: &str = "INSERT INTO liminal.signal_versions
   FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
      $8::timestamptz[], $9::text[], $10::text[], $11::timestamptz[], $12::bigint[])
      AS u(f, i, r, t, k, n, a, v, at, vt, s)
-  ON CONFLICT (fact_id) DO NOTHING";
+  {conflict} RETURNING seq";
 
 const INSERT_ARTIFACTS: &str = "INSERT INTO liminal.artifact_versions
     (fact_id, id, run_id, path, blake3, size, valid_from, valid_to, seq, source)
   SELECT u.*, $1 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
      $7::bigint[], $8::timestamptz[], $9::timestamptz[], $10::bigint[]) AS u
-  ON CONFLICT (fact_id) DO NOTHING";
+  {conflict} RETURNING seq";
 
 const INSERT_VERDICTS: &str = "INSERT INTO liminal.repro_verdict_versions
     (fact_id, run_id, input_digest, reproducible, variations, artifacts_compared, differing, culprit,
@@ -148,7 +154,7 @@ const INSERT_VERDICTS: &str = "INSERT INTO liminal.repro_verdict_versions
   FROM unnest($2::text[], $3::text[], $4::text[], $5::bool[], $6::text[], $7::int[], $8::text[],
      $9::text[], $10::timestamptz[], $11::timestamptz[], $12::bigint[])
      AS u(f, r, d, ok, va, n, di, c, vf, vt, s)
-  ON CONFLICT (fact_id) DO NOTHING";
+  {conflict} RETURNING seq";
 
 #[derive(Default)]
 struct RunCols {
@@ -334,10 +340,29 @@ impl Columns {
         Ok(())
     }
 
-    /// Run one INSERT per non-empty kind. Returns rows inserted.
-    fn insert(self, client: &mut SpiClient<'_>, source: &str) -> Result<u64, pgrx::spi::Error> {
-        let mut n = 0u64;
+    /// Run one INSERT per non-empty kind. Returns the seqs of the rows
+    /// inserted; a row that meets a conflict the `conflict` target names is
+    /// left out (see [`Conflict`]).
+    fn insert(
+        self,
+        client: &mut SpiClient<'_>,
+        source: &str,
+        conflict: Conflict,
+    ) -> Result<Vec<i64>, pgrx::spi::Error> {
+        let mut inserted = Vec::new();
         let src = || DatumWithOid::from(source.to_owned());
+        let mut run = |sql: &str,
+                       versioned: bool,
+                       args: &[DatumWithOid<'_>]|
+         -> Result<(), pgrx::spi::Error> {
+            let sql = sql.replace("{conflict}", conflict.clause(versioned));
+            for row in run_cached(client, &sql, args)? {
+                if let Some(seq) = row.get::<i64>(1)? {
+                    inserted.push(seq);
+                }
+            }
+            Ok(())
+        };
         let c = self.runs;
         if !c.fact_id.is_empty() {
             let args = [
@@ -357,7 +382,7 @@ impl Columns {
                 c.valid_to.into(),
                 c.seq.into(),
             ];
-            n += client.update(INSERT_RUNS, None, &args)?.len() as u64;
+            run(INSERT_RUNS, true, &args)?;
         }
         let c = self.tests;
         if !c.fact_id.is_empty() {
@@ -375,7 +400,7 @@ impl Columns {
                 c.valid_to.into(),
                 c.seq.into(),
             ];
-            n += client.update(INSERT_TESTS, None, &args)?.len() as u64;
+            run(INSERT_TESTS, true, &args)?;
         }
         let c = self.signals;
         if !c.fact_id.is_empty() {
@@ -393,7 +418,7 @@ impl Columns {
                 c.valid_to.into(),
                 c.seq.into(),
             ];
-            n += client.update(INSERT_SIGNALS, None, &args)?.len() as u64;
+            run(INSERT_SIGNALS, false, &args)?;
         }
         let c = self.artifacts;
         if !c.fact_id.is_empty() {
@@ -409,7 +434,7 @@ impl Columns {
                 c.valid_to.into(),
                 c.seq.into(),
             ];
-            n += client.update(INSERT_ARTIFACTS, None, &args)?.len() as u64;
+            run(INSERT_ARTIFACTS, false, &args)?;
         }
         let c = self.verdicts;
         if !c.fact_id.is_empty() {
@@ -427,9 +452,9 @@ impl Columns {
                 c.valid_to.into(),
                 c.seq.into(),
             ];
-            n += client.update(INSERT_VERDICTS, None, &args)?.len() as u64;
+            run(INSERT_VERDICTS, true, &args)?;
         }
-        Ok(n)
+        Ok(inserted)
     }
 }
 
@@ -478,8 +503,159 @@ pub fn in_subtransaction<R>(
     }
 }
 
-/// Store one fact through `_make_room` (progressions, corrections, repeats).
-/// Returns false when the fact was already stored (same fact_id).
+/// Which conflicts an INSERT of new versions skips instead of raising.
+#[derive(Clone, Copy)]
+enum Conflict {
+    /// The fast path. Runs, test results and verdicts skip a conflict on any
+    /// unique index: a repeated fact (its `fact_id`) or an entity that
+    /// already has a current row (a progression); the rows skipped are then
+    /// looked at one by one. Signals and artifacts are never restated by
+    /// liminald, so they skip nothing: speculative insertion's extra index
+    /// probes cost about a tenth of their insert, and should one conflict
+    /// anyway the batch's fast path rolls back and every fact is retried on
+    /// its own, which handles it.
+    Fast,
+    /// Only a repeated fact. Used after [`make_room`], where a conflict on
+    /// the current row would mean a fact silently lost: it raises instead.
+    FactId,
+}
+
+impl Conflict {
+    /// `versioned`: the kind's entities get new versions from liminald.
+    fn clause(self, versioned: bool) -> &'static str {
+        match self {
+            Conflict::Fast if versioned => "ON CONFLICT DO NOTHING",
+            Conflict::Fast => "",
+            Conflict::FactId => "ON CONFLICT (fact_id) DO NOTHING",
+        }
+    }
+}
+
+thread_local! {
+    /// The ingest statements' plans, prepared on first use and kept for the
+    /// backend's life: parsing and planning them per batch (and per fact on
+    /// the slow path) cost more than the inserts. PostgreSQL's plan cache
+    /// re-plans them itself when the tables change.
+    static PLANS: RefCell<HashMap<String, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+}
+
+/// Execute `sql` through a kept plan prepared with the types of `args`.
+fn run_cached<'conn>(
+    client: &mut SpiClient<'conn>,
+    sql: &str,
+    args: &[DatumWithOid<'_>],
+) -> Result<SpiTupleTable<'conn>, pgrx::spi::Error> {
+    let plan = match PLANS.with(|p| p.borrow().get(sql).cloned()) {
+        Some(plan) => plan,
+        None => {
+            let types: Vec<PgOid> = args.iter().map(|a| PgOid::from(a.oid())).collect();
+            let plan = Rc::new(client.prepare_mut(sql, &types)?.keep());
+            PLANS.with(|p| p.borrow_mut().insert(sql.to_owned(), plan.clone()));
+            plan
+        }
+    };
+    client.update(&*plan, None, args)
+}
+
+/// Before a version of entity `key` valid from `at` is inserted into
+/// `table`: close (tx_to = now()) the transaction-current version covering
+/// `at`, re-state its earlier part when it started before `at`, and return
+/// the valid_to the new version must take.
+///
+/// The same steps as `liminal._make_room` (schema.sql), which corrections
+/// use; this copy runs on kept plans (the SQL function's dynamic EXECUTEs
+/// are parsed and planned on every call, which made progressions the
+/// ingest's most expensive facts). The store's pg_tests pin the resulting
+/// versions, and `ingest_and_make_room_agree` compares the two directly.
+fn make_room(
+    client: &mut SpiClient<'_>,
+    table: &str,
+    key_col: &str,
+    key: &str,
+    at: TimestampWithTimeZone,
+) -> Result<TimestampWithTimeZone, pgrx::spi::Error> {
+    // The key is matched as a range and the rows ordered by it: the same
+    // rows as `key = $1`, but only an index on the key can deliver that order
+    // without a sort. With `=` (which makes the ORDER BY redundant) the
+    // planner, on young tables whose statistics are not in yet, costed every
+    // partial index with the "current" predicate alike and picked the
+    // analytics' index of runs by host: a scan of every current row per
+    // lookup, which made progressions the ingest's most expensive facts.
+    let cover_sql = [
+        // Usually the current row, through its unique partial index.
+        format!(
+            "SELECT version_id, valid_to, valid_from < $2 FROM {table} \
+             WHERE {key_col} BETWEEN $1 AND $1 \
+             AND tx_to = 'infinity' AND valid_to = 'infinity' AND valid_from <= $2 \
+             ORDER BY {key_col} FOR UPDATE"
+        ),
+        format!(
+            "SELECT version_id, valid_to, valid_from < $2 FROM {table} \
+             WHERE {key_col} BETWEEN $1 AND $1 \
+             AND tx_to = 'infinity' AND valid_from <= $2 AND $2 < valid_to \
+             ORDER BY {key_col} FOR UPDATE"
+        ),
+    ];
+    let mut cover = None;
+    for sql in &cover_sql {
+        let rows = run_cached(client, sql, &[key.into(), at.into()])?;
+        if let Some(row) = rows.into_iter().next() {
+            let id = row.get::<i64>(1)?;
+            let to = row.get::<TimestampWithTimeZone>(2)?;
+            let earlier = row.get::<bool>(3)?;
+            if let (Some(id), Some(to), Some(earlier)) = (id, to, earlier) {
+                cover = Some((id, to, earlier));
+                break;
+            }
+        }
+    }
+    let Some((cover_id, cover_to, started_earlier)) = cover else {
+        // Earlier than anything known (or a new entity): valid until the
+        // first known version, or forever.
+        let sql = format!(
+            "SELECT min(valid_from) FROM {table} WHERE {key_col} = $1 AND tx_to = 'infinity'"
+        );
+        let next = run_cached(client, &sql, &[key.into()])?
+            .first()
+            .get_one::<TimestampWithTimeZone>()?;
+        return Ok(next.unwrap_or_else(infinity));
+    };
+    run_cached(
+        client,
+        &format!("UPDATE {table} SET tx_to = now() WHERE version_id = $1"),
+        &[cover_id.into()],
+    )?;
+    if started_earlier {
+        // Progression: the old state held until `at`; re-state it so. The
+        // column list comes from the catalog, as `_make_room` copies every
+        // column through jsonb.
+        let cols = run_cached(
+            client,
+            "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute
+             WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped
+               AND attname NOT IN ('version_id', 'valid_to', 'tx_from', 'tx_to', 'fact_id', 'restated_from')",
+            &[table.into()],
+        )?
+        .first()
+        .get_one::<String>()?
+        .unwrap_or_default();
+        run_cached(
+            client,
+            &format!(
+                "INSERT INTO {table} ({cols}, valid_to, tx_from, tx_to, restated_from) \
+                 SELECT {cols}, $2, now(), 'infinity', version_id FROM {table} WHERE version_id = $1"
+            ),
+            &[cover_id.into(), at.into()],
+        )?;
+    }
+    // Correction (same valid time) or progression: the new version takes
+    // over the rest of the covered range.
+    Ok(cover_to)
+}
+
+/// Store one fact that is a new version of a known entity (a progression, a
+/// correction, a repeat of the entity within the batch) or a repeat of a
+/// stored fact. Returns false for the latter (same fact_id: nothing to do).
 fn apply_one(
     client: &mut SpiClient<'_>,
     source: &str,
@@ -488,87 +664,52 @@ fn apply_one(
 ) -> Result<bool, String> {
     let (table, key_col, key, valid_at) = placement(b);
     let fid = fact_id(b);
-    let exists = client
-        .select(
-            &format!("SELECT 1 FROM {table} WHERE fact_id = $1"),
-            Some(1),
-            &[fid.into()],
-        )
-        .map_err(|e| e.to_string())?
-        .len()
-        > 0;
+    let exists = !run_cached(
+        client,
+        &format!("SELECT 1 FROM {table} WHERE fact_id = $1"),
+        &[fid.into()],
+    )
+    .map_err(|e| e.to_string())?
+    .is_empty();
     if exists {
         return Ok(false);
     }
     let at = ts("valid time", valid_at).map_err(|e| e.to_string())?;
-    let valid_to = client
-        .update(
-            "SELECT liminal._make_room($1::regclass, $2, $3, $4)",
-            Some(1),
-            &[table.into(), key_col.into(), key.into(), at.into()],
-        )
-        .map_err(|e| e.to_string())?
-        .first()
-        .get_one::<TimestampWithTimeZone>()
-        .map_err(|e| e.to_string())?
-        .unwrap_or_else(infinity);
+    let valid_to = make_room(client, table, key_col, &key, at).map_err(|e| e.to_string())?;
     let mut cols = Columns::default();
     cols.push(seq, b, valid_to).map_err(|e| e.to_string())?;
-    cols.insert(client, source).map_err(|e| e.to_string())?;
-    Ok(true)
+    let stored = cols
+        .insert(client, source, Conflict::FactId)
+        .map_err(|e| e.to_string())?;
+    Ok(!stored.is_empty())
 }
 
-/// The fast path for a batch of decoded facts (see the module doc).
+/// The fast path for a batch of decoded facts, in seq order: every fact
+/// goes into one INSERT per kind as a new entity's first version; the few
+/// that conflict (a known entity, or a repeated fact) then go one by one
+/// through [`apply_one`], still in seq order, so a later fact about an
+/// entity always lands after an earlier one.
 fn apply_all(
     client: &mut SpiClient<'_>,
     source: &str,
     facts: &[(u64, FactBody)],
 ) -> Result<usize, String> {
-    // Entities already stored, per table.
-    let mut keys: HashMap<&'static str, (&'static str, Vec<String>)> = HashMap::new();
-    let mut seen: HashMap<(&'static str, String), usize> = HashMap::new();
-    for (_, b) in facts {
-        let (table, key_col, key, _) = placement(b);
-        *seen.entry((table, key.clone())).or_default() += 1;
-        keys.entry(table)
-            .or_insert((key_col, Vec::new()))
-            .1
-            .push(key);
-    }
-    let mut existing: HashSet<(&'static str, String)> = HashSet::new();
-    for (table, (key_col, ks)) in keys {
-        let rows = client
-            .select(
-                // Every stored entity has exactly one current row: the unique
-                // partial index answers this.
-                &format!(
-                    "SELECT {key_col} FROM {table} WHERE {key_col} = ANY($1) \
-                     AND tx_to = 'infinity' AND valid_to = 'infinity'"
-                ),
-                None,
-                &[ks.into()],
-            )
-            .map_err(|e| e.to_string())?;
-        for row in rows {
-            if let Ok(Some(k)) = row.get::<String>(1) {
-                existing.insert((table, k));
-            }
-        }
-    }
     let mut fresh = Columns::default();
-    let mut slow = Vec::new();
     for (seq, b) in facts {
-        let (table, _, key, _) = placement(b);
-        let k = (table, key);
-        if existing.contains(&k) || seen.get(&k).copied().unwrap_or(0) > 1 {
-            slow.push((*seq, b));
-        } else {
-            fresh.push(*seq, b, infinity()).map_err(|e| e.to_string())?;
-        }
+        fresh.push(*seq, b, infinity()).map_err(|e| e.to_string())?;
     }
-    let mut stored = fresh.insert(client, source).map_err(|e| e.to_string())? as usize;
-    for (seq, b) in slow {
-        if apply_one(client, source, seq, b)? {
+    let inserted: HashSet<i64> = fresh
+        .insert(client, source, Conflict::Fast)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .collect();
+    let mut stored = inserted.len();
+    if stored == facts.len() {
+        return Ok(stored);
+    }
+    for (seq, b) in facts {
+        let s = big("seq", *seq).map_err(|e| e.to_string())?;
+        if !inserted.contains(&s) && apply_one(client, source, *seq, b)? {
             stored += 1;
         }
     }
@@ -603,15 +744,14 @@ fn record_error(
 /// transaction so the filter below cannot race another writer.
 pub fn cursor_for_update(source: &str) -> Result<u64, pgrx::spi::Error> {
     Spi::connect_mut(|client| {
-        let v = client
-            .update(
-                "SELECT last_seq FROM liminal.ingest_cursor WHERE source = $1 FOR UPDATE",
-                Some(1),
-                &[source.into()],
-            )?
-            .first()
-            .get_one::<i64>()
-            .unwrap_or(None);
+        let v = run_cached(
+            client,
+            "SELECT last_seq FROM liminal.ingest_cursor WHERE source = $1 FOR UPDATE",
+            &[source.into()],
+        )?
+        .first()
+        .get_one::<i64>()
+        .unwrap_or(None);
         Ok(v.map(|v| v.max(0) as u64).unwrap_or(0))
     })
 }
@@ -689,19 +829,19 @@ pub fn write_batch(
             record_error(client, source, f, reason)?;
         }
         let last_i = i64::try_from(last).unwrap_or(i64::MAX);
-        client.update(
+        run_cached(
+            client,
             "INSERT INTO liminal.ingest_cursor (source, last_seq, updated_at) VALUES ($1, $2, now())
              ON CONFLICT (source) DO UPDATE SET last_seq = EXCLUDED.last_seq, updated_at = now()",
-            None,
             &[source.into(), last_i.into()],
         )?;
         let daemon = daemon_last_seq.map(|d| i64::try_from(d.max(last)).unwrap_or(i64::MAX));
-        client.update(
+        run_cached(
+            client,
             "INSERT INTO liminal.ingest_state (source, connected, daemon_last_seq, updated_at)
              VALUES ($1, true, $2, now())
              ON CONFLICT (source) DO UPDATE SET daemon_last_seq = greatest(EXCLUDED.daemon_last_seq, ingest_state.daemon_last_seq),
                  updated_at = now()",
-            None,
             &[source.into(), daemon.into()],
         )?;
         Ok(())

@@ -6,6 +6,7 @@
 #[pgrx::pg_schema]
 mod tests {
     use crate::ingest::store::{write_batch, WireFact};
+    use liminal_facts::Timestamp;
     use liminal_facts::*;
     use pgrx::prelude::*;
 

@@ -165,6 +165,74 @@ mod tests {
         assert_eq!(as_of(3600).as_deref(), Some("passed"));
     }
 
+    /// The ingest makes room for a new version in Rust, on kept plans; the
+    /// corrections use the SQL function `liminal._make_room`. The same facts
+    /// through both must leave the same versions.
+    #[pg_test]
+    fn ingest_and_make_room_agree() {
+        // (status, valid second): a start, a progression, an out-of-order
+        // backfill before everything, a correction at the same valid time
+        // as the progression, a progression after all of it.
+        let steps = [
+            (RunStatus::Running, 10),
+            (RunStatus::Failed, 70),
+            (RunStatus::Running, 0),
+            (RunStatus::Passed, 70),
+            (RunStatus::Cancelled, 90),
+        ];
+        let by_ingest = new_id();
+        for (i, (status, valid)) in steps.iter().enumerate() {
+            // One fact per batch (each goes through the slow path but the
+            // first), then all of them again in one batch for another run.
+            write_batch(
+                SRC,
+                &[wire(i as u64 + 1, &run(by_ingest, *status, *valid))],
+                None,
+            )
+            .unwrap();
+        }
+        let by_batch = new_id();
+        let batch: Vec<WireFact> = steps
+            .iter()
+            .enumerate()
+            .map(|(i, (s, v))| wire(i as u64 + 6, &run(by_batch, *s, *v)))
+            .collect();
+        assert_eq!(write_batch(SRC, &batch, None).unwrap().stored, steps.len());
+        let by_sql = new_id();
+        for (status, valid) in steps {
+            Spi::run(&format!(
+                "WITH room AS (SELECT liminal._make_room('liminal.run_versions', 'run_id', '{by_sql}',
+                     '2026-01-01T00:00:00Z'::timestamptz + interval '{valid} seconds') AS vt)
+                 INSERT INTO liminal.run_versions (run_id, plan_name, status, input_digest, host,
+                     started_at, valid_from, valid_to, fact_id)
+                 SELECT '{by_sql}', 'unit', '{}', 'blake3:ab', 'h1', '2026-01-01T00:00:00Z',
+                     '2026-01-01T00:00:00Z'::timestamptz + interval '{valid} seconds', vt, liminal.new_ulid()
+                 FROM room",
+                status.as_str()
+            ))
+            .unwrap();
+        }
+        let shape = |r: Ulid| {
+            text(&format!(
+                "SELECT string_agg(format('%s %s..%s tx_current=%s restated=%s', status,
+                     extract(epoch FROM valid_from - '2026-01-01T00:00:00Z')::int,
+                     CASE WHEN valid_to = 'infinity' THEN 'inf'
+                          ELSE extract(epoch FROM valid_to - '2026-01-01T00:00:00Z')::int::text END,
+                     tx_to = 'infinity', restated_from IS NOT NULL), '; '
+                     ORDER BY valid_from, valid_to, status, tx_to, restated_from IS NOT NULL)
+                 FROM liminal.run_versions WHERE run_id = '{r}'"
+            ))
+            .unwrap_or_default()
+        };
+        let expected = shape(by_sql);
+        assert!(
+            expected.contains("cancelled 90..inf tx_current=t"),
+            "{expected}"
+        );
+        assert_eq!(shape(by_ingest), expected);
+        assert_eq!(shape(by_batch), expected);
+    }
+
     #[pg_test]
     fn out_of_order_fact_is_backfilled() {
         let r = new_id();
