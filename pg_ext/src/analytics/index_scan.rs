@@ -87,6 +87,8 @@ pub struct IndexScan {
     scan: pg_sys::IndexScanDesc,
     slot: *mut pg_sys::TupleTableSlot,
     vmbuf: pg_sys::Buffer,
+    /// The visibility map block `vmbuf` holds, once known.
+    vm_block: Option<u32>,
     natts: usize,
     /// Nominal key capacity the scan was begun with.
     capacity: usize,
@@ -141,6 +143,7 @@ impl IndexScan {
                 scan,
                 slot,
                 vmbuf: pg_sys::InvalidBuffer as pg_sys::Buffer,
+                vm_block: None,
                 natts,
                 capacity: nkeys,
                 layout: layout.to_vec(),
@@ -276,14 +279,10 @@ impl IndexScan {
     /// page is all-visible, or a heap fetch finds a visible version.
     pub fn visible(&mut self) -> bool {
         // SAFETY: xs_heaptid is the current entry's heap tid (set by
-        // index_getnext_tid); the slot belongs to the heap relation.
-        unsafe {
-            let tid = (*self.scan).xs_heaptid;
-            let blk = (tid.ip_blkid.bi_hi as u32) << 16 | tid.ip_blkid.bi_lo as u32;
-            let status = pg_sys::visibilitymap_get_status(self.heap, blk, &mut self.vmbuf) as u32;
-            status & pg_sys::VISIBILITYMAP_ALL_VISIBLE != 0
-                || pg_sys::index_fetch_heap(self.scan, self.slot)
-        }
+        // index_getnext_tid); btree keeps the leaf pinned meanwhile
+        // (xs_want_itup).
+        let tid = unsafe { (*self.scan).xs_heaptid };
+        self.tid_visible(tid)
     }
 }
 
@@ -292,17 +291,35 @@ impl IndexScan {
 /// shape: no NULLs, each varlena inline and uncompressed. `spans` gets
 /// (offset, length) per column. False otherwise (PostgreSQL deforms it then).
 fn read_tuple(tup: &[u8], layout: &[Col], spans: &mut [(usize, usize)]) -> bool {
-    let size = tup.len();
-    if size < 8 {
+    let mut off = 0;
+    read_head(tup, &mut off) && read_cols(tup, layout, spans, 0..layout.len(), &mut off)
+}
+
+/// Checks the tuple header (no NULLs) and sets `off` to the first column.
+fn read_head(tup: &[u8], off: &mut usize) -> bool {
+    if tup.len() < 8 {
         return false;
     }
     let t_info = u16::from_ne_bytes([tup[6], tup[7]]) as u32;
-    if t_info & pg_sys::INDEX_NULL_MASK != 0 {
-        return false;
-    }
     // MAXALIGN(sizeof(IndexTupleData)) without a null bitmap.
-    let mut off = 8usize;
-    for (i, col) in layout.iter().enumerate() {
+    *off = 8;
+    t_info & pg_sys::INDEX_NULL_MASK == 0
+}
+
+/// Reads columns `cols` of `layout` from `off` on (see `read_tuple`).
+fn read_cols(
+    tup: &[u8],
+    layout: &[Col],
+    spans: &mut [(usize, usize)],
+    cols: std::ops::Range<usize>,
+    at: &mut usize,
+) -> bool {
+    let size = tup.len();
+    let mut off = *at;
+    for i in cols {
+        let Some(col) = layout.get(i) else {
+            return false;
+        };
         match col {
             Col::Int8 => {
                 off = (off + 7) & !7;
@@ -348,6 +365,7 @@ fn read_tuple(tup: &[u8], layout: &[Col], spans: &mut [(usize, usize)]) -> bool 
             }
         }
     }
+    *at = off;
     true
 }
 
@@ -397,6 +415,9 @@ const INDEX_ALT_TID_MASK: u16 = 0x2000;
 const BT_IS_POSTING: u16 = 0x2000;
 const BT_OFFSET_MASK: u16 = 0x0FFF;
 const SIZE_OF_PAGE_HEADER: usize = 24;
+/// Heap blocks per visibility map page: (BLCKSZ - page header) bytes of
+/// 2 bits per heap block (visibilitymap.c).
+const HEAPBLOCKS_PER_VM_PAGE: u32 = (pg_sys::BLCKSZ - SIZE_OF_PAGE_HEADER as u32) * 4;
 const LP_NORMAL: u32 = 1;
 
 impl IndexScan {
@@ -476,8 +497,9 @@ impl IndexScan {
 
     /// Reads every leaf entry in index order straight from the pages: the
     /// executor-free equivalent of an unqualified index-only scan, without
-    /// per-entry calls into the btree code. `want` decides from the columns
-    /// whether an entry matters; `take` gets each wanted entry whose row is
+    /// per-entry calls into the btree code. `want` decides from the first
+    /// `want_cols` columns whether an entry matters (the others are read
+    /// only for the entries it wants); `take` gets each wanted entry whose row is
     /// visible (once per heap row, posting lists included).
     ///
     /// Concurrency as in a btree forward scan: each page is read whole
@@ -486,6 +508,7 @@ impl IndexScan {
     /// repeats entries; deleted and half-dead pages are stepped over.
     pub fn scan_leaves(
         &mut self,
+        want_cols: usize,
         mut want: impl FnMut(&Entry<'_>) -> bool,
         mut take: impl FnMut(&Entry<'_>),
     ) -> Result<(), Unreadable> {
@@ -541,7 +564,23 @@ impl IndexScan {
                     let Some(cols) = tup.get(..cols_end) else {
                         continue;
                     };
-                    if !read_tuple(cols, &self.layout, &mut spans) {
+                    let natts = self.layout.len();
+                    let mut off = 0;
+                    let first = want_cols.min(natts);
+                    if !(read_head(cols, &mut off)
+                        && read_cols(cols, &self.layout, &mut spans, 0..first, &mut off))
+                    {
+                        // SAFETY: as above.
+                        unsafe { pg_sys::ReleaseBuffer(buf) };
+                        return Err(Unreadable("an entry in an unusual form"));
+                    }
+                    if !want(&Entry {
+                        tup: cols,
+                        spans: &spans,
+                    }) {
+                        continue;
+                    }
+                    if !read_cols(cols, &self.layout, &mut spans, first..natts, &mut off) {
                         // SAFETY: as above.
                         unsafe { pg_sys::ReleaseBuffer(buf) };
                         return Err(Unreadable("an entry in an unusual form"));
@@ -550,9 +589,6 @@ impl IndexScan {
                         tup: cols,
                         spans: &spans,
                     };
-                    if !want(&entry) {
-                        continue;
-                    }
                     for k in 0..ntids {
                         let t = if posting {
                             match tup.get(tids_at + 6 * k..tids_at + 6 * k + 6) {
@@ -590,8 +626,24 @@ impl IndexScan {
         // xs_heaptid is only read by index_fetch_heap.
         unsafe {
             let blk = (tid.ip_blkid.bi_hi as u32) << 16 | tid.ip_blkid.bi_lo as u32;
-            let status = pg_sys::visibilitymap_get_status(self.heap, blk, &mut self.vmbuf) as u32;
-            if status & pg_sys::VISIBILITYMAP_ALL_VISIBLE != 0 {
+            let map_block = blk / HEAPBLOCKS_PER_VM_PAGE;
+            let all_visible = if self.vm_block == Some(map_block) {
+                // The bits of a visibility map page we hold pinned, read the
+                // way visibilitymap_get_status reads them (one byte, no
+                // lock: a byte read is atomic), without a call per entry.
+                let map = (pg_sys::BufferGetPage(self.vmbuf) as *const u8).add(SIZE_OF_PAGE_HEADER);
+                let i = blk % HEAPBLOCKS_PER_VM_PAGE;
+                let byte = std::ptr::read_volatile(map.add((i / 4) as usize));
+                (byte >> ((i % 4) * 2)) & pg_sys::VISIBILITYMAP_ALL_VISIBLE as u8 != 0
+            } else {
+                let status =
+                    pg_sys::visibilitymap_get_status(self.heap, blk, &mut self.vmbuf) as u32;
+                // Afterwards vmbuf holds map_block's page, or nothing (no map yet).
+                self.vm_block =
+                    (self.vmbuf != pg_sys::InvalidBuffer as pg_sys::Buffer).then_some(map_block);
+                status & pg_sys::VISIBILITYMAP_ALL_VISIBLE != 0
+            };
+            if all_visible {
                 return true;
             }
             (*self.scan).xs_heaptid = tid;

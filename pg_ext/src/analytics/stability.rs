@@ -210,6 +210,7 @@ fn scan_index(scan: &mut Scan, cutoff: TimestampWithTimeZone) -> bool {
     // keys, or descending per test to (name, cutoff), cost more: btree
     // evaluates keys on every entry).
     let done = ix.scan_leaves(
+        2,
         |e| e.i64(1).is_some_and(|at| at >= cutoff_pg),
         |e| {
             if let (Some(name), Some(status), Some(run_id)) = (e.text(0), e.text(2), e.text(3)) {
