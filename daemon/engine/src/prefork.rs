@@ -84,23 +84,6 @@ pub fn enabled() -> bool {
     std::env::var_os("LIMINAL_SANDBOX_PREFORK").is_none_or(|v| v != "0")
 }
 
-/// Starts the fork server for `helper` now, so the first run finds it warm.
-/// Optional: [`start_job`] starts it on demand.
-pub fn warm_up(helper: &Path) -> Result<(), PreforkError> {
-    let mut servers = SERVERS.lock().unwrap_or_else(|e| e.into_inner());
-    if !servers.contains_key(helper) {
-        servers.insert(helper.to_owned(), spawn(helper)?);
-    }
-    Ok(())
-}
-
-/// Stops the fork servers of this process (jobs already forked run on).
-/// Dropping the process does the same: a server exits when its socket
-/// reaches EOF.
-pub fn shutdown() {
-    SERVERS.lock().unwrap_or_else(|e| e.into_inner()).clear();
-}
-
 /// Hands one job to the fork server of `helper` (started if needed, and
 /// restarted once if it died since the last run).
 pub fn start_job(helper: &Path, job_json: &[u8], fds: &JobFds) -> Result<Forked, PreforkError> {
