@@ -112,7 +112,7 @@ swap)
     ;;
 measure)
     OUT=${2:?OUT file}
-    "${PSQL[@]}" -c "DROP TABLE IF EXISTS bench.timings, bench.failures" 2>/dev/null || true
+    "${PSQL[@]}" -c "DROP TABLE IF EXISTS bench.timings, bench.failures, bench.warmup" 2>/dev/null || true
     "$HERE/measure.sh" "$DATA" "$PORT" bench "$OUT"
     ;;
 psql)
