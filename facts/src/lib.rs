@@ -13,6 +13,7 @@
 //! parse verbatim (in `liminal.ingest_errors`) instead of losing it, and lets
 //! `busctl` show facts readably.
 
+pub mod record;
 mod time_fmt;
 
 pub use time_fmt::{Timestamp, TimestampError};

@@ -1,8 +1,8 @@
 //! `limctl run --local`: the engine in this process, no daemon, no bus.
 
-use crate::engine_glue::{self, CancelHandle, EngineConfig, RunRequest};
 use crate::fail;
-use crate::state::RunRecord;
+use liminal_engine::{CancelHandle, EngineConfig, RunRequest};
+use liminal_facts::record::RunRecord;
 use liminal_facts::FactBody;
 use liminal_plan::Plan;
 use std::collections::BTreeMap;
@@ -90,7 +90,7 @@ pub fn run(
         plan,
         fd_secrets,
     };
-    let outcome = engine_glue::run(&cfg, req, &mut sink, &cancel)
+    let outcome = liminal_engine::run(&cfg, req, &mut sink, &cancel)
         .map_err(|e| fail(2, format!("run could not start: {e}")))?;
     if !record.status.is_final() {
         record.status = outcome.status;

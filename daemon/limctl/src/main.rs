@@ -4,13 +4,6 @@
 //! could not run (plan error, bad secret, daemon unreachable, engine error);
 //! 3 cancelled or interrupted.
 
-#[path = "../../liminald/src/state.rs"]
-#[allow(dead_code)]
-mod state;
-
-#[path = "../../liminald/src/engine_glue.rs"]
-#[allow(dead_code, unused_imports)]
-mod engine_glue;
 mod local;
 mod output;
 mod verify;

@@ -5,10 +5,10 @@
 //! reproducible, 2 could not verify (plan error, a build that did not pass,
 //! no artifacts, unknown variation), 3 cancelled.
 
-use crate::engine_glue::CancelHandle;
-use crate::state::RunRecord;
 use crate::{bus_err, fail, ManagerProxy};
 use liminal_engine::repro::{self, VerifyOptions};
+use liminal_engine::CancelHandle;
+use liminal_facts::record::RunRecord;
 use liminal_facts::{FactBody, RunStatus};
 use liminal_plan::Plan;
 use serde_json::Value;

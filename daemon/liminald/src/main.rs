@@ -9,7 +9,7 @@ mod fault;
 mod notify;
 mod service;
 mod spooler;
-mod state;
+use liminal_facts::record as state;
 
 use anyhow::Context;
 use clap::Parser;
