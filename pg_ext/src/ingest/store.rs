@@ -117,33 +117,39 @@ fn fact_id(b: &FactBody) -> String {
     }
 }
 
+// The arrays are unnested in the select list (lockstep, streamed row by
+// row) rather than with a multi-argument `unnest` in FROM, which
+// materializes every array into a tuplestore first.
 const INSERT_RUNS: &str = "INSERT INTO liminal.run_versions
     (fact_id, run_id, plan_name, status, exit_code, input_digest, image_digest, host,
      started_at, finished_at, reason, valid_from, valid_to, seq, source)
-  SELECT u.*, $1 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::text[],
-     $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[], $13::timestamptz[],
-     $14::timestamptz[], $15::bigint[]) AS u
+  SELECT unnest($2::text[]), unnest($3::text[]), unnest($4::text[]), unnest($5::text[]),
+     unnest($6::int[]), unnest($7::text[]), unnest($8::text[]), unnest($9::text[]),
+     unnest($10::timestamptz[]), unnest($11::timestamptz[]), unnest($12::text[]),
+     unnest($13::timestamptz[]), unnest($14::timestamptz[]), unnest($15::bigint[]), $1
   {conflict} RETURNING seq";
 
 const INSERT_TESTS: &str = "INSERT INTO liminal.test_result_versions
     (fact_id, id, run_id, test_name, status, started_at, duration_ms, message,
      valid_from, valid_to, seq, source)
-  SELECT u.*, $1 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-     $7::timestamptz[], $8::bigint[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::bigint[]) AS u
+  SELECT unnest($2::text[]), unnest($3::text[]), unnest($4::text[]), unnest($5::text[]),
+     unnest($6::text[]), unnest($7::timestamptz[]), unnest($8::bigint[]), unnest($9::text[]),
+     unnest($10::timestamptz[]), unnest($11::timestamptz[]), unnest($12::bigint[]), $1
   {conflict} RETURNING seq";
 
 const INSERT_SIGNALS: &str = "INSERT INTO liminal.signal_versions
     (fact_id, id, run_id, test_result_id, kind, name, at, value, attrs, valid_from, valid_to, seq, source)
-  SELECT u.f, u.i, u.r, u.t, u.k, u.n, u.a, u.v::jsonb, u.at::jsonb, u.a, u.vt, u.s, $1
-  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-     $8::timestamptz[], $9::text[], $10::text[], $11::timestamptz[], $12::bigint[])
-     AS u(f, i, r, t, k, n, a, v, at, vt, s)
+  SELECT unnest($2::text[]), unnest($3::text[]), unnest($4::text[]), unnest($5::text[]),
+     unnest($6::text[]), unnest($7::text[]), unnest($8::timestamptz[]), unnest($9::text[])::jsonb,
+     unnest($10::text[])::jsonb, unnest($8::timestamptz[]), unnest($11::timestamptz[]),
+     unnest($12::bigint[]), $1
   {conflict} RETURNING seq";
 
 const INSERT_ARTIFACTS: &str = "INSERT INTO liminal.artifact_versions
     (fact_id, id, run_id, path, blake3, size, valid_from, valid_to, seq, source)
-  SELECT u.*, $1 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-     $7::bigint[], $8::timestamptz[], $9::timestamptz[], $10::bigint[]) AS u
+  SELECT unnest($2::text[]), unnest($3::text[]), unnest($4::text[]), unnest($5::text[]),
+     unnest($6::text[]), unnest($7::bigint[]), unnest($8::timestamptz[]), unnest($9::timestamptz[]),
+     unnest($10::bigint[]), $1
   {conflict} RETURNING seq";
 
 const INSERT_VERDICTS: &str = "INSERT INTO liminal.repro_verdict_versions
