@@ -9,7 +9,7 @@
 
 use super::bad_argument;
 use super::causality_core::{self as walk_core, Candidate, WalkParams};
-use super::index_scan::{text_datum, verified_index, Col, IndexScan, BT_EQ, BT_GE};
+use super::index_scan::{text_datum, verified_index, Col, IndexScan, Step};
 use super::spi_stream::{stream, stream_cached, Row, PG_EPOCH_OFFSET_US};
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
@@ -208,10 +208,11 @@ fn baseline_runs(test_name: &str, before: i64, failed_run: &str) -> Vec<String> 
 
 /// For each (kind, name): how many of the `baseline` entries name a run
 /// that has a visible signal of that kind and name, read from the index
-/// signal_versions_current_kind_name (kind, name, run_id).
+/// signal_versions_current_kind_name (kind, name, run_id). None when the
+/// leaves cannot be read directly (the caller then uses SQL).
 ///
-/// Per pair, the baseline runs are probed in byte order: a probe positions
-/// at (kind, name, run) and decides that run (its entries come first); the
+/// Per pair, the baseline runs are probed in byte order: a probe descends
+/// to (kind, name, run) and decides that run (its entries come first); the
 /// entries after it are read on for a while, marking the other baseline
 /// runs they show present, so a pair found in few runs costs one descent
 /// instead of one per run. Only the first probe of each run decides its
@@ -222,17 +223,17 @@ fn presence_counts(
     kinds: &[String],
     names: &[String],
     baseline: &[String],
-) -> Vec<u64> {
+) -> Option<Vec<u64>> {
     /// Entries read on past the probed run without finding another
     /// baseline run before giving up (a descent costs about this much).
     /// A pair whose read-on found nothing once is dense (many entries per
     /// run): its remaining runs are only probed.
-    const READ_ON: u32 = 24;
+    const READ_ON: u32 = 48;
     let mut runs: Vec<&str> = baseline.iter().map(String::as_str).collect();
     runs.sort_unstable();
     runs.dedup();
     let run_args: Vec<pg_sys::Datum> = runs.iter().map(|r| text_datum(r)).collect();
-    let mut ix = IndexScan::open(oid, 3, &[Col::Text, Col::Text, Col::Text]);
+    let mut ix = IndexScan::open(oid, &[Col::Text, Col::Text, Col::Text]);
     let mut counts = Vec::with_capacity(kinds.len());
     let mut found = vec![false; runs.len()];
     for (k, n) in kinds.iter().zip(names) {
@@ -244,25 +245,25 @@ fn presence_counts(
             if found[j] {
                 continue;
             }
-            ix.rescan(&[
-                (1, BT_EQ, pg_sys::F_TEXTEQ, kd),
-                (2, BT_EQ, pg_sys::F_TEXTEQ, nd),
-                (3, BT_GE, pg_sys::F_TEXT_GE, run_args[j]),
-            ]);
             let mut decided = false;
             let mut idle = 0u32;
             let mut gained = false;
-            while ix.advance() {
-                let Some(run) = ix.str(2) else { continue };
-                let at = if run == runs[j] {
+            let walked = ix.walk_from(&[kd, nd, run_args[j]], |e, ntids, vis| {
+                if e.text(0) != Some(k.as_bytes()) || e.text(1) != Some(n.as_bytes()) {
+                    return Step::Stop; // past the pair's entries
+                }
+                let Some(run) = e.text(2) else {
+                    return Step::Continue;
+                };
+                let at = if run == runs[j].as_bytes() {
                     Some(j)
                 } else {
                     // Past the probed run's entries: absent unless found.
                     decided = true;
-                    runs.binary_search(&run).ok()
+                    runs.binary_search_by(|r| r.as_bytes().cmp(run)).ok()
                 };
                 match at {
-                    Some(i) if !found[i] && ix.visible() => {
+                    Some(i) if !found[i] && (0..ntids).any(|t| vis(t)) => {
                         found[i] = true;
                         left -= 1;
                         if i == j {
@@ -279,8 +280,13 @@ fn presence_counts(
                     }
                 }
                 if left == 0 || (decided && idle >= read_on) {
-                    break;
+                    Step::Stop
+                } else {
+                    Step::Continue
                 }
+            });
+            if walked.is_err() {
+                return None;
             }
             if left == 0 {
                 break;
@@ -297,7 +303,7 @@ fn presence_counts(
         );
     }
     super::index_scan::DIRECT_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    counts
+    Some(counts)
 }
 
 type WalkRow = (
@@ -419,15 +425,16 @@ fn causality_walk(
     let mut rarity: HashMap<(String, String), f64> = HashMap::new();
     if !kinds.is_empty() {
         let baseline = baseline_runs(&f.test_name, t, &f.run_id);
-        match verified_index(
+        let direct = verified_index(
             "signal_versions_current_kind_name",
             "signal_versions",
             &[("kind", "text"), ("name", "text"), ("run_id", "text")],
             3,
-        ) {
-            Some(oid) => {
+        )
+        .and_then(|oid| presence_counts(oid, &kinds, &names, &baseline));
+        match direct {
+            Some(counts) => {
                 let total = baseline.len() as u64;
-                let counts = presence_counts(oid, &kinds, &names, &baseline);
                 for ((k, n), c) in kinds.into_iter().zip(names).zip(counts) {
                     rarity.insert((k, n), walk_core::rarity(c, total));
                 }

@@ -1,18 +1,25 @@
-//! Reads a btree index of the schema directly through the index AM
-//! (`index_beginscan` / `index_getnext_tid`), the way an index-only scan
-//! does, but without the executor: no per-row slot, projection or qual
-//! evaluation, and no planning. Used where the analytics walk millions of
-//! index entries (test_stability) or probe an index thousands of times
-//! (causality_walk's rarity), which the executor made the bottleneck.
+//! Reads the leaf pages of a btree index of the schema directly, in Rust:
+//! what an index-only scan returns, without the executor (slots,
+//! projection, quals, planning) and without btree checking every entry of
+//! each page against scan keys. Used where the analytics walk millions of
+//! index entries (test_stability: `scan_leaves`, from the leftmost leaf) or
+//! probe an index a few hundred times per call (causality_walk's rarity:
+//! `walk_from`, positioned by btree's own `_bt_search`), which the executor
+//! made the bottleneck.
 //!
-//! Visibility is an index-only scan's: an entry counts when the visibility
-//! map says its heap page is all-visible, else when `index_fetch_heap`
-//! finds a version of the row visible to the active snapshot.
+//! Pages are read as a btree forward scan reads them: whole, under a share
+//! lock, following right-links (a concurrent split moves entries right, so
+//! none is lost or seen twice), deleted and half-dead pages stepped over,
+//! killed (LP_DEAD) items skipped, posting lists expanded. Visibility is an
+//! index-only scan's: the leaf stays pinned while the visibility map is
+//! read; an entry counts when its heap page is all-visible, else when
+//! `index_fetch_heap` finds a version of the row visible to the active
+//! snapshot.
 //!
 //! Callers first check with `verified_index` that the index is the one the
 //! schema defines (columns, predicate, btree), and fall back to SQL
-//! otherwise. Serializable transactions also take the SQL path: this scan
-//! takes no predicate locks.
+//! otherwise or when a page holds something unexpected. Serializable
+//! transactions also take the SQL path: these reads take no predicate locks.
 
 use super::spi_stream::{stream_cached, Row};
 use pgrx::pg_sys;
@@ -78,9 +85,10 @@ pub fn verified_index(
     found
 }
 
-/// An open index scan. Dropping it ends the scan and closes the relations
-/// (not while unwinding from an error: the transaction's abort releases
-/// them then).
+/// An index opened for direct reading: the relations, and an index scan
+/// descriptor for its heap-fetch state (index_fetch_heap) only. Dropping it
+/// ends the scan and closes the relations (not while unwinding from an
+/// error: the transaction's abort releases them then).
 pub struct IndexScan {
     heap: pg_sys::Relation,
     index: pg_sys::Relation,
@@ -90,19 +98,8 @@ pub struct IndexScan {
     /// The visibility map block `vmbuf` holds, once known.
     vm_block: Option<u32>,
     natts: usize,
-    /// Nominal key capacity the scan was begun with.
-    capacity: usize,
     /// Column layout for the in-Rust tuple reader.
     layout: Vec<Col>,
-    /// The current entry: its tuple, and each column as (offset, length)
-    /// (`fast`), or deformed by PostgreSQL into values/nulls (`!fast`).
-    itup: *const u8,
-    fast: bool,
-    spans: Vec<(usize, usize)>,
-    values: Vec<pg_sys::Datum>,
-    nulls: Vec<bool>,
-    keys: Vec<pg_sys::ScanKeyData>,
-    since_interrupt_check: u32,
 }
 
 /// An index column as the tuple reader sees it.
@@ -116,9 +113,9 @@ pub enum Col {
 
 impl IndexScan {
     /// Opens the index `index_oid` (columns as `layout` says, which the
-    /// caller verified) and its table with AccessShareLock and begins a scan
-    /// with room for `nkeys` keys under the active snapshot.
-    pub fn open(index_oid: pg_sys::Oid, nkeys: usize, layout: &[Col]) -> Self {
+    /// caller verified) and its table with AccessShareLock, under the
+    /// active snapshot.
+    pub fn open(index_oid: pg_sys::Oid, layout: &[Col]) -> Self {
         // SAFETY: plain PostgreSQL calls on a verified btree index; errors
         // are raised as PostgreSQL errors.
         unsafe {
@@ -127,8 +124,12 @@ impl IndexScan {
             let heap_oid = (*(*index).rd_index).indrelid;
             let heap = pg_sys::table_open(heap_oid, lock);
             let snapshot = pg_sys::GetActiveSnapshot();
-            let scan = pg_sys::index_beginscan(heap, index, snapshot, nkeys as i32, 0);
-            (*scan).xs_want_itup = true;
+            let scan = pg_sys::index_beginscan(heap, index, snapshot, 0, 0);
+            // As every index scan does before fetching: index_beginscan
+            // leaves xs_heap_continue uninitialized, and a stale "true"
+            // would make the first heap fetch continue a HOT chain that
+            // was never started (and miss the row).
+            pg_sys::index_rescan(scan, std::ptr::null_mut(), 0, std::ptr::null_mut(), 0);
             let slot = pg_sys::table_slot_create(heap, std::ptr::null_mut());
             let natts = (*(*index).rd_att).natts as usize;
             if natts != layout.len() {
@@ -145,144 +146,9 @@ impl IndexScan {
                 vmbuf: pg_sys::InvalidBuffer as pg_sys::Buffer,
                 vm_block: None,
                 natts,
-                capacity: nkeys,
                 layout: layout.to_vec(),
-                itup: std::ptr::null(),
-                fast: false,
-                spans: vec![(0, 0); natts],
-                values: vec![pg_sys::Datum::from(0); natts],
-                nulls: vec![true; natts],
-                keys: Vec::with_capacity(nkeys),
-                since_interrupt_check: 0,
             }
         }
-    }
-
-    /// The collation of index column `attno` (1-based).
-    pub fn collation(&self, attno: usize) -> pg_sys::Oid {
-        // SAFETY: attno is within the index's columns (checked).
-        unsafe {
-            if attno == 0 || attno > self.natts {
-                error!("internal: index column {attno} out of range");
-            }
-            *(*self.index).rd_indcollation.add(attno - 1)
-        }
-    }
-
-    /// Restarts the scan with `keys`: (column, btree strategy, comparison
-    /// function, argument). The arguments must outlive the scan's use of them.
-    pub fn rescan(&mut self, keys: &[(usize, u32, u32, pg_sys::Datum)]) {
-        self.keys.clear();
-        for &(attno, strategy, proc_, arg) in keys {
-            let collation = self.collation(attno);
-            // SAFETY: an all-zero ScanKeyData is what ScanKeyEntryInitialize fills.
-            let mut key: pg_sys::ScanKeyData = unsafe { std::mem::zeroed() };
-            unsafe {
-                pg_sys::ScanKeyEntryInitialize(
-                    &mut key,
-                    0,
-                    attno as pg_sys::AttrNumber,
-                    strategy as pg_sys::StrategyNumber,
-                    pg_sys::InvalidOid,
-                    collation,
-                    pg_sys::Oid::from(proc_),
-                    arg,
-                );
-            }
-            self.keys.push(key);
-        }
-        // SAFETY: the scan was begun with room for `capacity` keys; btree's
-        // rescan copies scan->numberOfKeys keys from ours, so that count is
-        // set to ours first (a rescan may use fewer keys than the last).
-        unsafe {
-            if self.keys.len() > self.capacity {
-                error!("internal: more scan keys than the scan was begun with");
-            }
-            (*self.scan).numberOfKeys = self.keys.len() as i32;
-            pg_sys::index_rescan(
-                self.scan,
-                if self.keys.is_empty() {
-                    std::ptr::null_mut()
-                } else {
-                    self.keys.as_mut_ptr()
-                },
-                self.keys.len() as i32,
-                std::ptr::null_mut(),
-                0,
-            );
-        }
-    }
-
-    /// Moves to the next index entry in index order (any visibility);
-    /// false at the end. Its columns: `row`; whether its row is visible:
-    /// `visible` (asked only for the entries the caller wants, so skipped
-    /// entries cost no visibility check).
-    pub fn advance(&mut self) -> bool {
-        // SAFETY: the scan is open; xs_itup describes the entry
-        // index_getnext_tid just returned, valid until the next call.
-        unsafe {
-            self.since_interrupt_check += 1;
-            if self.since_interrupt_check >= 65_536 {
-                self.since_interrupt_check = 0;
-                pg_sys::check_for_interrupts!();
-            }
-            let tid =
-                pg_sys::index_getnext_tid(self.scan, pg_sys::ScanDirection::ForwardScanDirection);
-            if tid.is_null() {
-                return false;
-            }
-            let itup = (*self.scan).xs_itup;
-            if itup.is_null() {
-                error!("internal: the index returned no tuple");
-            }
-            self.itup = itup as *const u8;
-            let t_info = u16::from_ne_bytes([*self.itup.add(6), *self.itup.add(7)]) as usize;
-            let size = t_info & pg_sys::INDEX_SIZE_MASK as usize;
-            let tup = std::slice::from_raw_parts(self.itup, size);
-            self.fast = read_tuple(tup, &self.layout, &mut self.spans);
-            if !self.fast {
-                pg_sys::index_deform_tuple(
-                    itup,
-                    (*self.scan).xs_itupdesc,
-                    self.values.as_mut_ptr(),
-                    self.nulls.as_mut_ptr(),
-                );
-            }
-            true
-        }
-    }
-
-    /// The current entry's columns (valid until the next `advance`).
-    pub fn row(&self) -> Row<'_> {
-        Row::new(&self.values, &self.nulls)
-    }
-
-    /// Column `i` (0-based) of the current entry as bytes (a Text column).
-    #[inline]
-    pub fn text(&self, i: usize) -> Option<&[u8]> {
-        if self.fast {
-            let (off, len) = *self.spans.get(i)?;
-            // SAFETY: span checked against the tuple's size in read_tuple;
-            // the tuple lives until the next advance (which takes &mut self).
-            Some(unsafe { std::slice::from_raw_parts(self.itup.add(off), len) })
-        } else {
-            self.row().text(i)
-        }
-    }
-
-    /// Column `i` of the current entry as a str (a Text column).
-    pub fn str(&self, i: usize) -> Option<&str> {
-        self.text(i).and_then(|b| std::str::from_utf8(b).ok())
-    }
-
-    /// Whether the current entry's row is visible to the snapshot: its heap
-    /// page is all-visible, or a heap fetch finds a visible version.
-    pub fn visible(&mut self) -> bool {
-        // SAFETY: xs_heaptid is the current entry's heap tid (set by
-        // index_getnext_tid); btree keeps the leaf pinned meanwhile
-        // (xs_want_itup).
-        let tid = unsafe { (*self.scan).xs_heaptid };
-        self.tid_visible(tid)
     }
 }
 
@@ -652,6 +518,247 @@ impl IndexScan {
     }
 }
 
+// nbtree's search entry points (PostgreSQL 15 signatures; exported by the
+// server, not in pgrx's bindings). BTScanInsert and BTStack stay opaque.
+// Called through pgrx's FFI guard, so an ERROR inside unwinds as usual.
+mod raw {
+    use pgrx::pg_sys;
+    use std::ffi::c_void;
+    unsafe extern "C-unwind" {
+        pub fn _bt_mkscankey(rel: pg_sys::Relation, itup: pg_sys::IndexTuple) -> *mut c_void;
+        pub fn _bt_search(
+            rel: pg_sys::Relation,
+            key: *mut c_void,
+            buf: *mut pg_sys::Buffer,
+            access: i32,
+            snapshot: pg_sys::Snapshot,
+        ) -> *mut c_void;
+        pub fn _bt_compare(
+            rel: pg_sys::Relation,
+            key: *mut c_void,
+            page: pg_sys::Page,
+            offnum: pg_sys::OffsetNumber,
+        ) -> i32;
+        pub fn _bt_freestack(stack: *mut c_void);
+    }
+}
+
+unsafe fn _bt_mkscankey(rel: pg_sys::Relation, itup: pg_sys::IndexTuple) -> *mut std::ffi::c_void {
+    pg_sys::ffi::pg_guard_ffi_boundary(|| raw::_bt_mkscankey(rel, itup))
+}
+
+unsafe fn _bt_search(
+    rel: pg_sys::Relation,
+    key: *mut std::ffi::c_void,
+    buf: *mut pg_sys::Buffer,
+    access: i32,
+    snapshot: pg_sys::Snapshot,
+) -> *mut std::ffi::c_void {
+    pg_sys::ffi::pg_guard_ffi_boundary(|| raw::_bt_search(rel, key, buf, access, snapshot))
+}
+
+unsafe fn _bt_compare(
+    rel: pg_sys::Relation,
+    key: *mut std::ffi::c_void,
+    page: pg_sys::Page,
+    offnum: pg_sys::OffsetNumber,
+) -> i32 {
+    pg_sys::ffi::pg_guard_ffi_boundary(|| raw::_bt_compare(rel, key, page, offnum))
+}
+
+unsafe fn _bt_freestack(stack: *mut std::ffi::c_void) {
+    pg_sys::ffi::pg_guard_ffi_boundary(|| raw::_bt_freestack(stack))
+}
+
+/// What a `walk_from` visitor tells the walk.
+pub enum Step {
+    Continue,
+    Stop,
+}
+
+impl IndexScan {
+    /// Visits the index entries from the first one >= `key` (a value for
+    /// every key column) in index order: btree's own descent finds the leaf
+    /// (`_bt_search`, moving right past concurrent splits, and `_bt_compare`
+    /// for the position on it), then the leaves are read in Rust as in
+    /// `scan_leaves` (without btree checking every entry of each page
+    /// against scan keys, which is what made a probe cost). `f` gets each
+    /// entry and a visibility check for its heap rows (`vis(k)` for the
+    /// k-th of `ntids`); it returns whether to go on.
+    pub fn walk_from(
+        &mut self,
+        key: &[pg_sys::Datum],
+        mut f: impl FnMut(&Entry<'_>, usize, &mut dyn FnMut(usize) -> bool) -> Step,
+    ) -> Result<(), Unreadable> {
+        let layout = self.layout.clone();
+        let mut spans = vec![(0usize, 0usize); self.natts];
+        let mut page = Box::new([0u8; pg_sys::BLCKSZ as usize]);
+        // SAFETY: an index tuple of the key columns formed by PostgreSQL;
+        // _bt_search returns the leaf share-locked and pinned (or no buffer
+        // for an empty index), released below.
+        let (mut buf, start) = unsafe {
+            let nkey = key.len();
+            let mut nulls = vec![false; nkey];
+            let mut vals = key.to_vec();
+            // The insertion key covers the key columns; a tuple descriptor
+            // of the index is fine (extra columns are not read).
+            if nkey > self.natts {
+                error!("internal: more key values than index columns");
+            }
+            vals.resize(self.natts, pg_sys::Datum::from(0));
+            nulls.resize(self.natts, true);
+            let itup = pg_sys::index_form_tuple(
+                (*self.index).rd_att,
+                vals.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+            );
+            let skey = _bt_mkscankey(self.index, itup);
+            let mut buf: pg_sys::Buffer = pg_sys::InvalidBuffer as pg_sys::Buffer;
+            let stack = _bt_search(
+                self.index,
+                skey,
+                &mut buf,
+                pg_sys::BUFFER_LOCK_SHARE as i32,
+                pg_sys::GetActiveSnapshot(),
+            );
+            _bt_freestack(stack);
+            if buf == pg_sys::InvalidBuffer as pg_sys::Buffer {
+                return Ok(()); // empty index
+            }
+            let p = pg_sys::BufferGetPage(buf);
+            let bytes = std::slice::from_raw_parts(p as *const u8, pg_sys::BLCKSZ as usize);
+            let o = Self::opaque(bytes);
+            let maxoff = (u16::from_ne_bytes([bytes[12], bytes[13]]) as usize)
+                .saturating_sub(SIZE_OF_PAGE_HEADER)
+                / 4;
+            let first = match o {
+                Some(o) if o.btpo_next != P_NONE => 2,
+                _ => 1,
+            };
+            // First item >= key (as _bt_binsrch on a leaf).
+            let (mut lo, mut hi) = (first, maxoff + 1);
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                if _bt_compare(self.index, skey, p, mid as pg_sys::OffsetNumber) > 0 {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            page.copy_from_slice(bytes);
+            pg_sys::LockBuffer(buf, pg_sys::BUFFER_LOCK_UNLOCK as i32);
+            pg_sys::pfree(itup as *mut std::ffi::c_void);
+            pg_sys::pfree(skey);
+            (buf, lo)
+        };
+        let mut from = start;
+        let mut pages = 0u32;
+        loop {
+            pages += 1;
+            if pages % 64 == 0 {
+                pg_sys::check_for_interrupts!();
+            }
+            let o = match Self::opaque(&page[..]) {
+                Some(o) => o,
+                None => {
+                    // SAFETY: releasing the pin taken for this page.
+                    unsafe { pg_sys::ReleaseBuffer(buf) };
+                    return Err(Unreadable("bad special space"));
+                }
+            };
+            let next = o.btpo_next;
+            let mut stop = false;
+            if o.btpo_flags & (BTP_DELETED | BTP_HALF_DEAD) == 0 {
+                if o.btpo_level != 0 {
+                    // SAFETY: as above.
+                    unsafe { pg_sys::ReleaseBuffer(buf) };
+                    return Err(Unreadable("right-link left the leaf level"));
+                }
+                let first = if next == P_NONE { 1 } else { 2 };
+                let n = (u16::from_ne_bytes([page[12], page[13]]) as usize)
+                    .saturating_sub(SIZE_OF_PAGE_HEADER)
+                    / 4;
+                for item in from.max(first)..=n {
+                    let Some((off, len)) = line_pointer(&page[..], item) else {
+                        continue;
+                    };
+                    let Some(tup) = page.get(off..off + len) else {
+                        continue;
+                    };
+                    let (cols_end, ntids, tids_at, posting) = tuple_shape(tup, len);
+                    let Some(cols) = tup.get(..cols_end) else {
+                        continue;
+                    };
+                    if !read_tuple(cols, &layout, &mut spans) {
+                        // SAFETY: as above.
+                        unsafe { pg_sys::ReleaseBuffer(buf) };
+                        return Err(Unreadable("an entry in an unusual form"));
+                    }
+                    let entry = Entry {
+                        tup: cols,
+                        spans: &spans,
+                    };
+                    let mut vis = |k: usize| -> bool {
+                        match heap_tid(tup, posting, tids_at, k) {
+                            Some(tid) => self.tid_visible(tid),
+                            None => false,
+                        }
+                    };
+                    if let Step::Stop = f(&entry, ntids, &mut vis) {
+                        stop = true;
+                        break;
+                    }
+                }
+            }
+            // SAFETY: the page's pin is released once its entries are checked.
+            unsafe { pg_sys::ReleaseBuffer(buf) };
+            if stop || next == P_NONE {
+                return Ok(());
+            }
+            buf = self.read_page(next, &mut page);
+            from = 1;
+        }
+    }
+}
+
+/// (end of the key columns, number of heap TIDs, where the posting list
+/// starts, is a posting list) of a leaf tuple of `len` bytes.
+fn tuple_shape(tup: &[u8], len: usize) -> (usize, usize, usize, bool) {
+    let t_info = u16::from_ne_bytes([tup[6], tup[7]]);
+    let size = (t_info as u32 & pg_sys::INDEX_SIZE_MASK) as usize;
+    let posid = u16::from_ne_bytes([tup[4], tup[5]]);
+    if t_info & INDEX_ALT_TID_MASK != 0 && posid & BT_IS_POSTING != 0 {
+        let at = (u16::from_ne_bytes([tup[0], tup[1]]) as usize) << 16
+            | u16::from_ne_bytes([tup[2], tup[3]]) as usize;
+        (at, (posid & BT_OFFSET_MASK) as usize, at, true)
+    } else {
+        (size.min(len), 1, 0, false)
+    }
+}
+
+/// The k-th heap TID of a leaf tuple.
+fn heap_tid(
+    tup: &[u8],
+    posting: bool,
+    tids_at: usize,
+    k: usize,
+) -> Option<pg_sys::ItemPointerData> {
+    let t = if posting {
+        tup.get(tids_at + 6 * k..tids_at + 6 * k + 6)?
+    } else if k == 0 {
+        tup.get(0..6)?
+    } else {
+        return None;
+    };
+    Some(pg_sys::ItemPointerData {
+        ip_blkid: pg_sys::BlockIdData {
+            bi_hi: u16::from_ne_bytes([t[0], t[1]]),
+            bi_lo: u16::from_ne_bytes([t[2], t[3]]),
+        },
+        ip_posid: u16::from_ne_bytes([t[4], t[5]]),
+    })
+}
+
 /// Item `n` (1-based) of a page: (offset, length) when it is LP_NORMAL.
 fn line_pointer(page: &[u8], n: usize) -> Option<(usize, usize)> {
     let at = SIZE_OF_PAGE_HEADER + 4 * (n - 1);
@@ -679,9 +786,6 @@ impl Drop for IndexScan {
         }
     }
 }
-
-pub const BT_EQ: u32 = pg_sys::BTEqualStrategyNumber;
-pub const BT_GE: u32 = pg_sys::BTGreaterEqualStrategyNumber;
 
 /// A `text` datum for a scan key, palloc'd in the current memory context.
 pub fn text_datum(s: &str) -> pg_sys::Datum {

@@ -23,11 +23,6 @@ pub struct Row<'a> {
 }
 
 impl<'a> Row<'a> {
-    /// A row over datums the caller deformed (e.g. an index tuple's).
-    pub fn new(values: &'a [pg_sys::Datum], nulls: &'a [bool]) -> Self {
-        Row { values, nulls }
-    }
-
     fn raw(&self, i: usize) -> Option<pg_sys::Datum> {
         match (self.values.get(i), self.nulls.get(i)) {
             (Some(v), Some(false)) => Some(*v),

@@ -204,7 +204,7 @@ fn scan_index(scan: &mut Scan, cutoff: TimestampWithTimeZone) -> bool {
         return false;
     };
     let cutoff_pg = cutoff.into_inner();
-    let mut ix = IndexScan::open(oid, 0, &[Col::Text, Col::Int8, Col::Text, Col::Text]);
+    let mut ix = IndexScan::open(oid, &[Col::Text, Col::Int8, Col::Text, Col::Text]);
     // The leaves are read in Rust (IndexScan::scan_leaves); entries before
     // the cutoff are skipped there at the cost of one comparison (scan
     // keys, or descending per test to (name, cutoff), cost more: btree
