@@ -11,7 +11,9 @@
 //! Wall-clock time cannot be offset by a time namespace. The `time`
 //! variation therefore (a) offsets CLOCK_MONOTONIC/CLOCK_BOOTTIME by a year,
 //! (b) starts the varied build in a later wall-clock second than the build it
-//! is compared with ended, so second-resolution timestamps always differ,
+//! is compared with ended, so second-resolution timestamps always differ
+//! (in the first comparison it starts at the next second beside the control
+//! and is built again when the control ran past that second),
 //! and (c) preloads libfaketime (`FAKETIME=+373d`) for dynamically linked
 //! tools when the host has it. `SOURCE_DATE_EPOCH` is part of the plan's
 //! inputs and is never varied.
@@ -817,20 +819,24 @@ fn verify_inner(
         )?);
     }
     let time_varied = vary.contains(&Variation::Time);
+    if time_varied {
+        // The varied builds start at the next wall-clock second, beside the
+        // control: when the control is over by then (checked below), no
+        // second it could read is one they can (see the module doc).
+        let next = UNIX_EPOCH + Duration::from_secs(unix_secs(SystemTime::now()) + 1);
+        for spec in &mut varied {
+            spec.not_before = Some(next + Duration::from_millis(5));
+        }
+    }
     let (control, others) = std::thread::scope(|s| {
         let handle = s.spawn(|| {
-            if time_varied {
-                // After the control, in a later second (see the module doc).
-                None
-            } else {
-                Some(build_all(
-                    cfg,
-                    &varied,
-                    &secrets,
-                    opts.parallel.saturating_sub(1).max(1),
-                    cancel,
-                ))
-            }
+            build_all(
+                cfg,
+                &varied,
+                &secrets,
+                opts.parallel.saturating_sub(1).max(1),
+                cancel,
+            )
         });
         let control = secrets.fresh().and_then(|fds| {
             let mut control_sink = |f: FactBody| match f {
@@ -839,7 +845,7 @@ fn verify_inner(
             };
             build_one(cfg, &control_spec, run_id, fds, &mut control_sink, cancel)
         });
-        let others = handle.join().ok().flatten();
+        let others = handle.join().ok();
         (control, others)
     });
     let control = control?;
@@ -852,9 +858,20 @@ fn verify_inner(
     if control.summary.artifacts.is_empty() {
         return Err(ReproError::NoArtifacts);
     }
+    let same_second = |others: &[Result<Built, ReproError>]| {
+        others.iter().any(|b| {
+            b.as_ref()
+                .is_ok_and(|b| unix_secs(b.started) <= unix_secs(control.ended))
+        })
+    };
     let others = match others {
-        Some(o) => o,
-        None => {
+        Some(o) if !(time_varied && same_second(&o)) => o,
+        _ => {
+            // The control ran into the varied builds' second (or their
+            // thread died): build them again once its last second is over.
+            for spec in &mut varied {
+                spec.not_before = None;
+            }
             sleep_past_second_of(control.ended);
             build_all(cfg, &varied, &secrets, opts.parallel, cancel)
         }
