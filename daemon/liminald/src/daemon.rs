@@ -424,7 +424,7 @@ impl Shared {
     /// Drops the oldest finished run records beyond `keep_runs` and returns
     /// their ids (the caller removes their D-Bus objects). Runs that are
     /// queued or running are never evicted. Ids are ULIDs, so map order is
-    /// start order.
+    /// start order to the millisecond (within one, ULIDs sort at random).
     pub fn evict_finished(&self) -> Vec<Ulid> {
         let mut runs = lock(&self.runs);
         let finished: Vec<Ulid> = runs
