@@ -415,18 +415,8 @@ impl IndexScan {
                     let Some(tup) = page.get(off..off + len) else {
                         continue;
                     };
-                    let t_info = u16::from_ne_bytes([tup[6], tup[7]]);
-                    let size = (t_info as u32 & pg_sys::INDEX_SIZE_MASK) as usize;
-                    let posid = u16::from_ne_bytes([tup[4], tup[5]]);
-                    let posting = t_info & INDEX_ALT_TID_MASK != 0 && posid & BT_IS_POSTING != 0;
                     // A posting list tuple's columns end where its TIDs begin.
-                    let (cols_end, ntids, tids_at) = if posting {
-                        let at = (u16::from_ne_bytes([tup[0], tup[1]]) as usize) << 16
-                            | u16::from_ne_bytes([tup[2], tup[3]]) as usize;
-                        (at, (posid & BT_OFFSET_MASK) as usize, at)
-                    } else {
-                        (size.min(len), 1, 0)
-                    };
+                    let (cols_end, ntids, tids_at, posting) = tuple_shape(tup, len);
                     let Some(cols) = tup.get(..cols_end) else {
                         continue;
                     };
@@ -456,20 +446,8 @@ impl IndexScan {
                         spans: &spans,
                     };
                     for k in 0..ntids {
-                        let t = if posting {
-                            match tup.get(tids_at + 6 * k..tids_at + 6 * k + 6) {
-                                Some(t) => t,
-                                None => break,
-                            }
-                        } else {
-                            &tup[0..6]
-                        };
-                        let tid = pg_sys::ItemPointerData {
-                            ip_blkid: pg_sys::BlockIdData {
-                                bi_hi: u16::from_ne_bytes([t[0], t[1]]),
-                                bi_lo: u16::from_ne_bytes([t[2], t[3]]),
-                            },
-                            ip_posid: u16::from_ne_bytes([t[4], t[5]]),
+                        let Some(tid) = heap_tid(tup, posting, tids_at, k) else {
+                            break;
                         };
                         if self.tid_visible(tid) {
                             take(&entry);
