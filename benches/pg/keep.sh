@@ -19,6 +19,7 @@
 #      CARGO_TARGET_DIR (/work/targets/pg).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
+source "$HERE/lib.sh"
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 KEEP=${KEEP_DIR:-/work/targets/pgbench-keep}
 PORT=${KEEP_PORT:-54330}
@@ -80,28 +81,7 @@ EOF
       sed -e "s|MODULE_PATHNAME|liminal|g" -e '/^\\echo/d' "$KEEP/schema.sql"; } >"$KEEP/schema-bound.sql"
     chmod a+r "$KEEP/schema-bound.sql"
     "${PSQL[@]}" -f "$KEEP/schema-bound.sql" >/dev/null
-    "${PSQL[@]}" <<'EOF'
-CREATE TABLE public.saved_indexes AS
-SELECT i.indexrelid::regclass::text AS name, pg_get_indexdef(i.indexrelid) AS def
-FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
-WHERE c.oid IN ('liminal.test_result_versions'::regclass, 'liminal.signal_versions'::regclass)
-  AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid);
-DO $$ DECLARE r record; BEGIN
-  FOR r IN SELECT name FROM public.saved_indexes LOOP EXECUTE 'DROP INDEX ' || r.name; END LOOP;
-END $$;
-EOF
-    t0=$(date +%s)
-    "${PSQL[@]}" -v tests="$TESTS" -v runs="$RUNS" -f "$HERE/gen.sql"
-    t1=$(date +%s)
-    log "generated in $((t1 - t0)) s"
-    "${PSQL[@]}" <<'EOF'
-DO $$ DECLARE r record; BEGIN
-  FOR r IN SELECT def FROM public.saved_indexes LOOP EXECUTE r.def; END LOOP;
-END $$;
-VACUUM (ANALYZE) liminal.run_versions, liminal.test_result_versions, liminal.signal_versions;
-EOF
-    t2=$(date +%s)
-    log "indexes + VACUUM ANALYZE in $((t2 - t1)) s"
+    gen_data "$TESTS" "$RUNS"
     ;;
 swap)
     SO=${2:-$CARGO_TARGET_DIR/release/libliminal.so}

@@ -17,6 +17,7 @@ set -euo pipefail
 TESTS=${1:-10000}
 RUNS=${2:-1000}
 HERE=$(cd "$(dirname "$0")" && pwd)
+source "$HERE/lib.sh"
 ROOT=$(cd "$HERE/../.." && pwd)
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 DATA=${BENCH_PGDATA:-/work/targets/pgbench/data}
@@ -80,29 +81,7 @@ sudo -u postgres "$PGBIN/pg_ctl" -D "$DATA" -l "$DATA/log" -w start >/dev/null
 sudo -u postgres "$PGBIN/createdb" -h "$DATA" -p "$PORT" bench
 "${PSQL[@]}" -c "CREATE EXTENSION liminal"
 
-# Load without the secondary indexes, then build them (much faster).
-"${PSQL[@]}" <<'EOF'
-CREATE TABLE public.saved_indexes AS
-SELECT i.indexrelid::regclass::text AS name, pg_get_indexdef(i.indexrelid) AS def
-FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
-WHERE c.oid IN ('liminal.test_result_versions'::regclass, 'liminal.signal_versions'::regclass)
-  AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid);
-DO $$ DECLARE r record; BEGIN
-  FOR r IN SELECT name FROM public.saved_indexes LOOP EXECUTE 'DROP INDEX ' || r.name; END LOOP;
-END $$;
-EOF
-t0=$(date +%s)
-"${PSQL[@]}" -v tests="$TESTS" -v runs="$RUNS" -f "$HERE/gen.sql"
-t1=$(date +%s)
-log "generated in $((t1 - t0)) s"
-"${PSQL[@]}" <<'EOF'
-DO $$ DECLARE r record; BEGIN
-  FOR r IN SELECT def FROM public.saved_indexes LOOP EXECUTE r.def; END LOOP;
-END $$;
-VACUUM (ANALYZE) liminal.run_versions, liminal.test_result_versions, liminal.signal_versions;
-EOF
-t2=$(date +%s)
-log "indexes + VACUUM ANALYZE in $((t2 - t1)) s"
+gen_data "$TESTS" "$RUNS"
 "${PSQL[@]}" -At -c "SELECT 'sizes: results ' || pg_size_pretty(pg_total_relation_size('liminal.test_result_versions')) || ', signals ' || pg_size_pretty(pg_total_relation_size('liminal.signal_versions')) || ', rows ' || (SELECT count(*) FROM liminal.test_result_versions) || ' / ' || (SELECT count(*) FROM liminal.signal_versions)" | tee -a "$OUT"
 
 "$HERE/measure.sh" "$DATA" "$PORT" bench "$OUT"
