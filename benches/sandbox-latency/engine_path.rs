@@ -32,6 +32,12 @@ fn arg(args: &[String], name: &str) -> Result<String, String> {
 }
 
 fn real_main() -> Result<(), String> {
+    if let Ok(filter) = std::env::var("LIMINAL_BENCH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let args: Vec<String> = std::env::args().collect();
     let helper = PathBuf::from(arg(&args, "--helper")?);
     let rootfs = arg(&args, "--rootfs")?;
@@ -57,14 +63,30 @@ fn real_main() -> Result<(), String> {
         cgroup_parent: String::new(),
         credentials_dir: None,
     };
+    // `--modes server,spawn` (default): which engine modes to measure;
+    // `--pace-ms N`: pause N ms before each run (runs arriving one by one
+    // rather than back to back).
+    let modes: Vec<String> = arg(&args, "--modes")
+        .unwrap_or_else(|_| "server,spawn".into())
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    let pace = std::time::Duration::from_millis(
+        arg(&args, "--pace-ms")
+            .unwrap_or_else(|_| "0".into())
+            .parse()
+            .map_err(|e| format!("--pace-ms: {e}"))?,
+    );
     let mut engine_ms = Vec::new();
     let mut spawn_ms = Vec::new();
     let mut image_ms = Vec::new();
-    for i in 0..2 * (runs + 5) {
-        let spawn = i % 2 == 1;
+    let m = modes.len();
+    for i in 0..m * (runs + 5) {
+        let spawn = modes[i % m] == "spawn";
         // Read by the engine at each run; this program has no other thread
         // that reads the environment.
         std::env::set_var("LIMINAL_SANDBOX_PREFORK", if spawn { "0" } else { "1" });
+        std::thread::sleep(pace);
         let t = Instant::now();
         liminal_engine::image::resolve(&plan.image, &cfg.cache_dir).map_err(|e| e.to_string())?;
         let image = t.elapsed().as_secs_f64() * 1e3;
@@ -85,7 +107,7 @@ fn real_main() -> Result<(), String> {
             return Err(format!("run {i}: {:?} {:?}", out.status, out.reason));
         }
         // The first five of each mode are warm-up.
-        if i >= 10 {
+        if i >= 5 * m {
             if spawn {
                 spawn_ms.push(ms);
             } else {

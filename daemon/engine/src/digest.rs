@@ -111,50 +111,103 @@ struct Entry {
 /// Walks `root` in sorted order without following symlinks (except `root`
 /// itself, like a bind mount does).
 fn walk(root: &Path) -> Result<Vec<Entry>, DigestError> {
-    let mut out = Vec::new();
-    let walker = walkdir::WalkDir::new(root)
-        .follow_links(false)
-        .follow_root_links(true)
-        .sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()));
-    for item in walker {
-        let item = item.map_err(|e| {
-            let path = e.path().unwrap_or(root).to_owned();
-            let source = e
-                .into_io_error()
-                .unwrap_or_else(|| io::Error::other("filesystem loop"));
-            DigestError::Io { path, source }
+    use nix::fcntl::OFlag;
+    // The root is followed like a bind mount follows it.
+    let md = std::fs::metadata(root).map_err(io_err(root))?;
+    let mut out = vec![Entry {
+        rel: PathBuf::new(),
+        abs: root.to_owned(),
+        kind: Kind::of(&md.file_type()),
+        mode: md.mode() & 0o7777,
+        size: md.size(),
+        rdev: md.rdev(),
+        ino: md.ino(),
+        dev: md.dev(),
+        mtime_ns: md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128,
+        ctime_ns: md.ctime() as i128 * 1_000_000_000 + md.ctime_nsec() as i128,
+    }];
+    if md.is_dir() {
+        let dir = nix::dir::Dir::open(
+            root,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| DigestError::Io {
+            path: root.to_owned(),
+            source: e.into(),
         })?;
-        // The root is followed like a bind mount follows it.
-        let md = if item.depth() == 0 {
-            std::fs::metadata(item.path()).map_err(io_err(item.path()))?
-        } else {
-            item.metadata().map_err(|e| {
-                let path = item.path().to_owned();
-                let source = e
-                    .into_io_error()
-                    .unwrap_or_else(|| io::Error::other("filesystem loop"));
-                DigestError::Io { path, source }
-            })?
-        };
-        let rel = item
-            .path()
-            .strip_prefix(root)
-            .unwrap_or(Path::new(""))
-            .to_owned();
-        out.push(Entry {
-            rel,
-            abs: item.path().to_owned(),
-            kind: Kind::of(&md.file_type()),
-            mode: md.mode() & 0o7777,
-            size: md.size(),
-            rdev: md.rdev(),
-            ino: md.ino(),
-            dev: md.dev(),
-            mtime_ns: md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128,
-            ctime_ns: md.ctime() as i128 * 1_000_000_000 + md.ctime_nsec() as i128,
-        });
+        walk_dir(dir, Path::new(""), root, &mut out)?;
     }
     Ok(out)
+}
+
+/// Depth-first, siblings sorted by name bytes (the order the tree encoding
+/// fixes); every stat is relative to the open folder, not a path walk from
+/// the root (the walk runs before every run, so its cost is on the path).
+fn walk_dir(
+    mut dir: nix::dir::Dir,
+    rel: &Path,
+    abs: &Path,
+    out: &mut Vec<Entry>,
+) -> Result<(), DigestError> {
+    use nix::fcntl::{AtFlags, OFlag};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let fail = |path: &Path, e: nix::errno::Errno| DigestError::Io {
+        path: path.to_owned(),
+        source: e.into(),
+    };
+    let fd = dir.as_raw_fd();
+    let mut names: Vec<std::ffi::CString> = Vec::new();
+    for item in dir.iter() {
+        let item = item.map_err(|e| fail(abs, e))?;
+        let name = item.file_name();
+        if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            names.push(name.to_owned());
+        }
+    }
+    names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    for name in names {
+        let os = std::ffi::OsStr::from_bytes(name.as_bytes());
+        let (rel, abs) = (rel.join(os), abs.join(os));
+        let st = nix::sys::stat::fstatat(Some(fd), name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|e| fail(&abs, e))?;
+        let fmt = st.st_mode & nix::libc::S_IFMT;
+        let kind = match fmt {
+            nix::libc::S_IFLNK => Kind::Symlink,
+            nix::libc::S_IFDIR => Kind::Dir,
+            nix::libc::S_IFCHR => Kind::Char,
+            nix::libc::S_IFBLK => Kind::Block,
+            nix::libc::S_IFIFO => Kind::Fifo,
+            nix::libc::S_IFSOCK => Kind::Socket,
+            _ => Kind::File,
+        };
+        out.push(Entry {
+            rel: rel.clone(),
+            abs: abs.clone(),
+            kind,
+            mode: st.st_mode & 0o7777,
+            size: st.st_size as u64,
+            rdev: st.st_rdev,
+            ino: st.st_ino,
+            dev: st.st_dev,
+            mtime_ns: st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128,
+            ctime_ns: st.st_ctime as i128 * 1_000_000_000 + st.st_ctime_nsec as i128,
+        });
+        if kind == Kind::Dir {
+            let child = nix::fcntl::openat(
+                Some(fd),
+                name.as_c_str(),
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(|e| fail(&abs, e))?;
+            // SAFETY: a fresh descriptor from openat.
+            let child = unsafe { OwnedFd::from_raw_fd(child) };
+            let child = nix::dir::Dir::from(child).map_err(|e| fail(&abs, e))?;
+            walk_dir(child, &rel, &abs, out)?;
+        }
+    }
+    Ok(())
 }
 
 /// BLAKE3 of one regular file's content and its length.

@@ -68,8 +68,15 @@ pub struct ServeRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServeReply {
-    /// The child runs the job; a pidfd of it rides along.
-    Started { pid: i32 },
+    /// The child runs the job; a pidfd of it rides along. A warm slot
+    /// (the helper's `warm` module) runs it in a container made earlier,
+    /// in `cgroup_path` rather than the job's: the engine sweeps that one
+    /// too if the child dies without a report.
+    Started {
+        pid: i32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cgroup_path: Option<String>,
+    },
     /// Nothing was forked (bad request, fork failed).
     Refused { message: String },
 }
@@ -200,6 +207,10 @@ pub struct Timings {
     pub start_us: u64,
     pub wait_us: u64,
     pub delete_us: u64,
+    /// The job ran in a warm sandbox, created before the job arrived
+    /// (`create_us` is then 0; see the helper's `warm` module).
+    #[serde(default)]
+    pub warm: bool,
 }
 
 // ---------------------------------------------------------------------------

@@ -50,6 +50,8 @@ pub enum PreforkError {
 pub struct Forked {
     pub pid: Pid,
     pub pidfd: OwnedFd,
+    /// A warm slot's container cgroup (not the job's), if the job went to one.
+    pub cgroup_path: Option<String>,
 }
 
 /// The descriptors a job needs, borrowed: the caller closes its copies once
@@ -162,8 +164,10 @@ fn spawn(helper: &Path) -> Result<Server, PreforkError> {
         .stdout(Stdio::null())
         // Its own diagnostics (a job child's go to the run's helper pipe).
         .stderr(Stdio::inherit());
-    if let Ok(v) = std::env::var("LIMINAL_SANDBOX_LOG") {
-        cmd.env("LIMINAL_SANDBOX_LOG", v);
+    for var in ["LIMINAL_SANDBOX_LOG", "LIMINAL_SANDBOX_WARM"] {
+        if let Ok(v) = std::env::var(var) {
+            cmd.env(var, v);
+        }
     }
     cmd.fd_mappings(vec![FdMapping {
         parent_fd: theirs,
@@ -232,10 +236,11 @@ fn exchange(server: &Server, request: &[u8], raw: &[RawFd]) -> Result<Forked, Pr
         return Err(PreforkError::Protocol("server hung up".into()));
     }
     match serde_json::from_slice::<ServeReply>(&buf[..len]) {
-        Ok(ServeReply::Started { pid }) => match pidfd {
+        Ok(ServeReply::Started { pid, cgroup_path }) => match pidfd {
             Some(pidfd) => Ok(Forked {
                 pid: Pid::from_raw(pid),
                 pidfd,
+                cgroup_path,
             }),
             None => Err(PreforkError::Protocol("reply without a pidfd".into())),
         },

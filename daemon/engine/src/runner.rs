@@ -113,6 +113,9 @@ pub struct RunOutcome {
     pub reason: Option<String>,
     pub tests: Vec<TestSummary>,
     pub artifacts: Vec<CollectedArtifact>,
+    /// The command ran in a warm sandbox (created before the run asked for
+    /// it; see the helper's `warm` module), not one created for the run.
+    pub warm_sandbox: bool,
 }
 
 /// Only for runs that could not even start; a run that started always ends
@@ -359,7 +362,9 @@ pub fn run_varied(
     let _enter = span.enter();
 
     // Inputs: anything failing here means the run could not start.
+    let t0 = Instant::now();
     let image = image::resolve(&plan.image, &cfg.cache_dir)?;
+    let t_image = t0.elapsed();
     let sealed = secrets::load(&plan.secrets, fd_secrets, cfg.credentials_dir.as_deref())?;
     let mut mount_digests = Vec::new();
     for m in &plan.mounts {
@@ -384,6 +389,7 @@ pub fn run_varied(
         cgroup_path: cgroup.clone(),
     };
     prepare_dirs(&dirs, variation.user.unwrap_or((0, 0)))?;
+    let t_prep = t0.elapsed();
 
     let started_at = Timestamp::now();
     let run_fact = |status: RunStatus,
@@ -425,6 +431,7 @@ pub fn run_varied(
     )
     .map_err(|e| e.to_string());
     drop(sealed);
+    let t_sandbox = t0.elapsed();
 
     // Decide the status.
     let mut reason: Option<String>;
@@ -538,10 +545,19 @@ pub fn run_varied(
             }));
         }
     }
+    let t_results = t0.elapsed();
     drop(dirs);
     let finished = Timestamp::now();
     sink(run_fact(status, exit_code, reason.clone(), Some(finished)));
     tracing::info!(%status, ?exit_code, "run finished");
+    tracing::debug!(
+        image_us = t_image.as_micros() as u64,
+        prepared_us = t_prep.as_micros() as u64,
+        sandbox_done_us = t_sandbox.as_micros() as u64,
+        results_us = t_results.as_micros() as u64,
+        total_us = t0.elapsed().as_micros() as u64,
+        "run phases (cumulative)"
+    );
     Ok(RunOutcome {
         run_id,
         status,
@@ -550,6 +566,7 @@ pub fn run_varied(
         reason,
         tests: summaries,
         artifacts: artifacts_out,
+        warm_sandbox: report.as_ref().is_ok_and(|r| r.timings.warm),
     })
 }
 
@@ -999,6 +1016,15 @@ fn spawn_and_pump(
                     for e in job::teardown_cgroup(&dirs.cgroup_path) {
                         tracing::warn!("{e}");
                     }
+                    if let Helper::Forked(prefork::Forked {
+                        cgroup_path: Some(slot),
+                        ..
+                    }) = &helper
+                    {
+                        for e in job::teardown_cgroup(slot) {
+                            tracing::warn!("{e}");
+                        }
+                    }
                 }
             } else if Instant::now() > watchdog && !killed_helper {
                 tracing::error!(
@@ -1102,7 +1128,18 @@ fn spawn_and_pump(
     }
     let report_bytes = &readers[3].buf;
     match serde_json::from_slice::<JobReport>(report_bytes) {
-        Ok(r) => Ok(r),
+        Ok(r) => {
+            let t = &r.timings;
+            tracing::debug!(
+                warm = t.warm,
+                create_us = t.create_us,
+                start_us = t.start_us,
+                wait_us = t.wait_us,
+                delete_us = t.delete_us,
+                "sandbox timings"
+            );
+            Ok(r)
+        }
         Err(_) => {
             let tail: String = helper_stderr
                 .trim()

@@ -12,6 +12,12 @@
 //! leftover processes and cgroups, and the machine has two cores.
 //!
 //! Run: `cargo test -p liminal-engine --test hostile`.
+//!
+//! `LIMINAL_HOSTILE_WARM=1` runs every case in a warm sandbox: before each
+//! plan, the same sandbox configuration runs `/bin/true` once (no secrets,
+//! no report), so the fork server makes a warm slot for it, and the case's
+//! own run must then report `warm_sandbox` (see the helper's `warm`
+//! module). `scripts/test` runs the suite both ways.
 
 use liminal_engine::runner::{self, CancelHandle, EngineConfig, RunOutcome, RunRequest};
 use liminal_facts::{FactBody, RunStatus, SignalKind, TestStatus};
@@ -25,6 +31,11 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `LIMINAL_HOSTILE_WARM=1`: every case runs in a warm sandbox.
+fn warm_mode() -> bool {
+    std::env::var_os("LIMINAL_HOSTILE_WARM").is_some_and(|v| v == "1")
 }
 
 fn is_root() -> bool {
@@ -180,6 +191,30 @@ impl Case {
         cancel: &CancelHandle,
     ) -> Ran {
         let cfg = self.config();
+        let warm =
+            warm_mode() && std::env::var_os("LIMINAL_SANDBOX_PREFORK").is_none_or(|v| v != "0");
+        if warm {
+            let mut prelude = plan.clone();
+            prelude.command = vec!["/bin/true".into()];
+            prelude.secrets.clear();
+            prelude.results = liminal_plan::Results {
+                format: liminal_plan::ResultsFormat::ExitCode,
+                path: None,
+            };
+            prelude.artifacts.clear();
+            let out = runner::run(
+                &cfg,
+                RunRequest {
+                    run_id: liminal_facts::new_id(),
+                    plan: prelude,
+                    fd_secrets: BTreeMap::new(),
+                },
+                &mut |_| {},
+                &CancelHandle::new(),
+            )
+            .unwrap_or_else(|e| panic!("prelude run could not start: {e}"));
+            assert_eq!(out.status, RunStatus::Passed, "prelude: {:?}", out.reason);
+        }
         let mut facts = Vec::new();
         let outcome = runner::run(
             &cfg,
@@ -192,6 +227,14 @@ impl Case {
             cancel,
         )
         .unwrap_or_else(|e| panic!("run could not start: {e}"));
+        // A helper killed mid-run (a case below) leaves no report to say so.
+        let reported = !outcome
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("helper died"));
+        if warm && reported {
+            assert!(outcome.warm_sandbox, "the run did not get the warm sandbox");
+        }
         self.assert_clean(&outcome);
         check_fact_order(&facts);
         Ran { outcome, facts }

@@ -15,6 +15,7 @@ mod job;
 
 mod serve;
 mod spec;
+mod warm;
 
 use anyhow::{bail, Context, Result};
 use job::{Job, JobReport, Outcome, Timings};
@@ -145,16 +146,26 @@ fn supervise(job: &Job, report: &mut JobReport) -> Result<Outcome> {
 /// Once per helper: cancel signals, private mount namespace, staged rootfs
 /// and mounts, config.json, descriptor ownership.
 fn setup(job: &Job) -> Result<SignalFd> {
-    // Signals that mean "cancel" arrive through a signalfd. The mask is
-    // inherited by the container, so the executor clears it before exec.
+    let sigfd = cancel_signalfd()?;
+    private_mount_ns()?;
+    stage(job)?;
+    own_container_fds(job.id_map, job.uid, job.gid, container_fd_numbers(job))?;
+    Ok(sigfd)
+}
+
+/// Signals that mean "cancel" arrive through a signalfd. The mask is
+/// inherited by the container, so the executor clears it before exec.
+fn cancel_signalfd() -> Result<SignalFd> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGTERM);
     mask.add(Signal::SIGINT);
-    let sigfd = SignalFd::new(&mask).context("signalfd")?;
+    SignalFd::new(&mask).context("signalfd")
+}
 
-    // A private mount namespace for the helper: the rootfs overlay (if any)
-    // lives only here and disappears with the last process using it, even if
-    // this helper is killed.
+/// A private mount namespace for the helper: the staged rootfs, binds and
+/// overlay (if any) live only here and disappear with the last process using
+/// it, even if this helper is killed.
+fn private_mount_ns() -> Result<()> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
     nix::mount::mount(
         None::<&str>,
@@ -165,27 +176,46 @@ fn setup(job: &Job) -> Result<SignalFd> {
     )
     .context("making / private in the helper's mount namespace")?;
     trim_cgroup_hierarchies();
+    Ok(())
+}
 
+/// The bundle: staged rootfs and bind sources, config.json.
+fn stage(job: &Job) -> Result<()> {
     std::fs::create_dir_all(&job.bundle)
         .with_context(|| format!("creating bundle {}", job.bundle.display()))?;
     let rootfs = spec::prepare_rootfs(job)?;
     let config = spec::build(job, &rootfs)?; // rootfs: staged paths
     std::fs::write(job.bundle.join("config.json"), serde_json::to_vec(&config)?)
         .context("writing config.json")?;
+    Ok(())
+}
 
-    // Like runc's fixStdioPermissions: the pipes belong to host root, which
-    // is unmapped inside, so reopening them (`echo > /dev/stderr`, i.e.
-    // /proc/self/fd/2) would fail with EACCES. Give them to the mapped root.
+/// The descriptors the job hands to the container: its extra ones, stdout
+/// and stderr.
+fn container_fd_numbers(job: &Job) -> impl Iterator<Item = RawFd> {
+    (0..job.preserved_fds as RawFd)
+        .map(|i| job::FIRST_CONTAINER_FD + i)
+        .chain([job.stdout_fd, job.stderr_fd])
+}
+
+/// Like runc's fixStdioPermissions: the pipes belong to host root, which is
+/// unmapped inside, so reopening them (`echo > /dev/stderr`, i.e.
+/// /proc/self/fd/2) would fail with EACCES. Give them to the mapped root.
+fn own_container_fds(
+    id_map: job::IdMap,
+    uid: u32,
+    gid: u32,
+    fds: impl Iterator<Item = RawFd>,
+) -> Result<()> {
     let (uid, gid) = (
-        nix::unistd::Uid::from_raw(job.id_map.host_id + job.uid),
-        nix::unistd::Gid::from_raw(job.id_map.host_id + job.gid),
+        nix::unistd::Uid::from_raw(id_map.host_id + uid),
+        nix::unistd::Gid::from_raw(id_map.host_id + gid),
     );
-    let container_fds = (0..job.preserved_fds as RawFd).map(|i| job::FIRST_CONTAINER_FD + i);
-    for fd in container_fds.chain([job.stdout_fd, job.stderr_fd]) {
+    for fd in fds {
         nix::unistd::fchown(fd, Some(uid), Some(gid))
             .with_context(|| format!("fchown of descriptor {fd}"))?;
     }
-    Ok(sigfd)
+    Ok(())
 }
 
 /// v1 controllers the sandbox uses: memory, pids and cpu for the plan's
@@ -247,13 +277,46 @@ fn launch(
     stderr: OwnedFd,
 ) -> Result<Outcome> {
     let t = Instant::now();
-    let devnull = File::open("/dev/null").context("opening /dev/null")?;
     let executor = LiminalExecutor {
         writable: job.writable_paths.clone(),
         cpus: spec::first_cpus(job.resources.cpus)?,
         personality: job.personality,
+        warm_socket: None,
     };
-    let mut container = ContainerBuilder::new(job.container_id.clone(), SyscallType::default())
+    let (mut container, pid) = create(job, executor, stdout, stderr)?;
+    report.timings.create_us = t.elapsed().as_micros() as u64;
+
+    let t = Instant::now();
+    container.start().context("starting the container")?;
+    report.timings.start_us = t.elapsed().as_micros() as u64;
+
+    let t = Instant::now();
+    let status = wait_with_deadline(job, &mut container, pid, sigfd, report)?;
+    report.timings.wait_us = t.elapsed().as_micros() as u64;
+    Ok(outcome_of(status))
+}
+
+fn outcome_of(status: WaitStatus) -> Outcome {
+    match status {
+        WaitStatus::Exited(_, code) => Outcome::Exited { code },
+        WaitStatus::Signaled(_, sig, _) => Outcome::Signaled { signal: sig as i32 },
+        other => Outcome::SetupFailed {
+            message: format!("unexpected wait status {other:?}"),
+        },
+    }
+}
+
+/// Creates the container (libcontainer `create`: namespaces, rootfs,
+/// cgroup, seccomp; init then waits for `start`), hands it the job's
+/// descriptors `3 .. 3 + preserved_fds`, and brings loopback up if asked.
+fn create(
+    job: &Job,
+    executor: LiminalExecutor,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> Result<(Container, Pid)> {
+    let devnull = File::open("/dev/null").context("opening /dev/null")?;
+    let container = ContainerBuilder::new(job.container_id.clone(), SyscallType::default())
         .with_root_path(&job.state_root)
         .context("state root")?
         .with_preserved_fds(job.preserved_fds as i32)
@@ -276,22 +339,7 @@ fn launch(
     if job.network == job::Network::Loopback {
         loopback_up(pid).context("bringing loopback up")?;
     }
-    report.timings.create_us = t.elapsed().as_micros() as u64;
-
-    let t = Instant::now();
-    container.start().context("starting the container")?;
-    report.timings.start_us = t.elapsed().as_micros() as u64;
-
-    let t = Instant::now();
-    let status = wait_with_deadline(job, &mut container, pid, sigfd, report)?;
-    report.timings.wait_us = t.elapsed().as_micros() as u64;
-    Ok(match status {
-        WaitStatus::Exited(_, code) => Outcome::Exited { code },
-        WaitStatus::Signaled(_, sig, _) => Outcome::Signaled { signal: sig as i32 },
-        other => Outcome::SetupFailed {
-            message: format!("unexpected wait status {other:?}"),
-        },
-    })
+    Ok((container, pid))
 }
 
 /// Waits for the init process; on timeout or cancel kills the whole cgroup
@@ -399,43 +447,61 @@ struct LiminalExecutor {
     cpus: Vec<usize>,
     /// Extra personality flags (ASLR off, 2.6 uname); 0 leaves it alone.
     personality: u32,
+    /// A warm sandbox's init: the process to run (and everything above)
+    /// arrives on this socket when a job takes the sandbox ([`warm`]).
+    warm_socket: Option<RawFd>,
 }
 
 impl Executor for LiminalExecutor {
     fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
-        // The helper's blocked mask and Rust's ignored SIGPIPE would survive exec.
-        let _ = SigSet::empty().thread_set_mask();
-        let _ = nix::sys::signal::pthread_sigmask(
-            SigmaskHow::SIG_SETMASK,
-            Some(&SigSet::empty()),
-            None,
-        );
-        // SAFETY: restoring a default disposition just before exec.
-        unsafe {
-            let _ = nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl);
+        if let Some(sock) = self.warm_socket {
+            return warm::exec_on_request(sock);
         }
-        let mut set = nix::sched::CpuSet::new();
-        for &c in &self.cpus {
-            set.set(c)
-                .map_err(|e| ExecutorError::Other(format!("cpu {c}: {e}")))?;
-        }
-        nix::sched::sched_setaffinity(Pid::from_raw(0), &set)
-            .map_err(|e| ExecutorError::Other(format!("sched_setaffinity: {e}")))?;
-        if self.personality != 0 {
-            // Inherited across exec (ADDR_NO_RANDOMIZE is only cleared for
-            // set-id programs, which the sandbox cannot gain anyway).
-            let persona = nix::sys::personality::Persona::from_bits_retain(self.personality as i32);
-            nix::sys::personality::set(persona)
-                .map_err(|e| ExecutorError::Other(format!("personality: {e}")))?;
-        }
-        spec::restrict_writes(&self.writable)
-            .map_err(|e| ExecutorError::Other(format!("landlock: {e}")))?;
+        prepare_exec(&self.cpus, self.personality, &self.writable)?;
         DefaultExecutor {}.exec(spec)
     }
 
     fn validate(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorValidationError> {
+        if self.warm_socket.is_some() {
+            // The spec's process is a placeholder; the real one is checked
+            // when it arrives.
+            return Ok(());
+        }
         DefaultExecutor {}.validate(spec)
     }
+}
+
+/// The last steps in the container before exec, on both paths: signal
+/// state, CPU affinity, personality, landlock.
+fn prepare_exec(
+    cpus: &[usize],
+    personality: u32,
+    writable: &[String],
+) -> Result<(), ExecutorError> {
+    // The helper's blocked mask and Rust's ignored SIGPIPE would survive exec.
+    let _ = SigSet::empty().thread_set_mask();
+    let _ =
+        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    // SAFETY: restoring a default disposition just before exec.
+    unsafe {
+        let _ = nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl);
+    }
+    let mut set = nix::sched::CpuSet::new();
+    for &c in cpus {
+        set.set(c)
+            .map_err(|e| ExecutorError::Other(format!("cpu {c}: {e}")))?;
+    }
+    nix::sched::sched_setaffinity(Pid::from_raw(0), &set)
+        .map_err(|e| ExecutorError::Other(format!("sched_setaffinity: {e}")))?;
+    if personality != 0 {
+        // Inherited across exec (ADDR_NO_RANDOMIZE is only cleared for
+        // set-id programs, which the sandbox cannot gain anyway).
+        let persona = nix::sys::personality::Persona::from_bits_retain(personality as i32);
+        nix::sys::personality::set(persona)
+            .map_err(|e| ExecutorError::Other(format!("personality: {e}")))?;
+    }
+    spec::restrict_writes(writable).map_err(|e| ExecutorError::Other(format!("landlock: {e}")))?;
+    Ok(())
 }
 
 fn pidfd_open(pid: Pid) -> std::io::Result<OwnedFd> {

@@ -10,21 +10,58 @@
 //! the host's mounts as they are when the job arrives (a mount the engine
 //! made a moment ago, say a reproducibility check's file-order view, is
 //! there).
+//!
+//! After each job the server also forks a warm slot for the job's sandbox
+//! configuration ([`crate::warm`]); the next job with the same key goes to
+//! that slot instead of a fresh child. Slots live [`warm::SLOT_TTL`] and are
+//! replaced while their key was used within [`warm::KEEP_WARM`].
 
 use crate::job::{self, Job, ServeReply, ServeRequest};
+use crate::warm;
 use anyhow::{bail, Context, Result};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
+use std::collections::BTreeMap;
 use std::io::{IoSlice, IoSliceMut, Read};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
 
 /// Received descriptors are parked at or above this number while they are
 /// moved to their final numbers (which are small: 2, 3, 4, ...).
 const PARK_FD: RawFd = 512;
+
+/// A warm slot waiting for a job with its key.
+struct Slot {
+    pid: Pid,
+    pidfd: OwnedFd,
+    /// Our end of the slot's socket; closing it discards the slot.
+    sock: OwnedFd,
+    key: String,
+    source_is_dir: Vec<bool>,
+    template: Job,
+    born: Instant,
+    /// The last job with this key (slots are replaced until KEEP_WARM).
+    last_used: Instant,
+}
+
+struct Server {
+    sock: OwnedFd,
+    sigfd: SignalFd,
+    warm: bool,
+    slots: Vec<Slot>,
+    /// Slot children not reaped yet, idle or running a job: their slot job
+    /// names what to sweep if one died without cleaning up.
+    children: BTreeMap<i32, Job>,
+    made: u64,
+}
 
 /// Serves until the engine closes its end or SIGTERM/SIGINT arrives.
 /// SIGTERM and SIGINT are already blocked (`real_main`).
@@ -38,12 +75,29 @@ pub fn serve() -> Result<()> {
     mask.thread_block().context("blocking SIGCHLD")?;
     let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .context("signalfd")?;
+    let mut server = Server {
+        sock,
+        sigfd,
+        warm: warm::enabled(),
+        slots: Vec::new(),
+        children: BTreeMap::new(),
+        made: 0,
+    };
     loop {
+        let timeout = server
+            .slots
+            .iter()
+            .map(|s| (s.born + warm::SLOT_TTL).saturating_duration_since(Instant::now()))
+            .min()
+            .map_or(PollTimeout::NONE, |d| {
+                PollTimeout::try_from(d.as_millis().clamp(1, 60_000) as i32)
+                    .unwrap_or(PollTimeout::MAX)
+            });
         let mut fds = [
-            PollFd::new(sock.as_fd(), PollFlags::POLLIN),
-            PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(server.sock.as_fd(), PollFlags::POLLIN),
+            PollFd::new(server.sigfd.as_fd(), PollFlags::POLLIN),
         ];
-        match poll(&mut fds, PollTimeout::NONE) {
+        match poll(&mut fds, timeout) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e).context("poll"),
         }
@@ -52,123 +106,312 @@ pub fn serve() -> Result<()> {
             .revents()
             .is_some_and(|r| r.contains(PollFlags::POLLIN));
         if signalled {
-            while let Ok(Some(info)) = sigfd.read_signal() {
+            while let Ok(Some(info)) = server.sigfd.read_signal() {
                 if info.ssi_signo != Signal::SIGCHLD as u32 {
                     tracing::info!("fork server stopping on signal {}", info.ssi_signo);
                     return Ok(());
                 }
             }
         }
-        reap();
+        server.reap();
         if request.contains(PollFlags::POLLIN) {
-            if !handle(&sock, &sigfd)? {
+            if !server.handle()? {
                 return Ok(());
             }
         } else if request.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
             return Ok(());
         }
+        server.expire();
     }
 }
 
-/// Reaps every finished child (the engine watches them through pidfds).
-fn reap() {
-    loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(_) => break,
-            Ok(_) => {}
-        }
-    }
-}
-
-/// One request: receive, fork, reply. `Ok(false)`: the engine hung up.
-fn handle(sock: &OwnedFd, sigfd: &SignalFd) -> Result<bool> {
-    let mut buf = [0u8; 4096];
-    let mut cmsg = nix::cmsg_space!([RawFd; job::SERVE_MAX_FDS]);
-    let (len, received) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(m) => m,
-            Err(nix::errno::Errno::EINTR) => return Ok(true),
-            Err(e) => return Err(e).context("recvmsg"),
-        };
-        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-            return reply(sock, &refused("too many descriptors"), None).map(|_| true);
-        }
-        let mut received = Vec::new();
-        for c in msg.cmsgs().context("control messages")? {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                // SAFETY: the kernel just installed these descriptors for us.
-                received.extend(
-                    fds.into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
+impl Server {
+    /// Reaps every finished child (the engine watches them through pidfds)
+    /// and sweeps what a slot child that died uncleanly left.
+    fn reap(&mut self) {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(st) => {
+                    let Some(pid) = st.pid() else { continue };
+                    self.slots.retain(|s| s.pid != pid);
+                    if let Some(slot) = self.children.remove(&pid.as_raw()) {
+                        sweep(&slot);
+                    }
+                }
             }
         }
-        (msg.bytes, received)
-    };
-    if len == 0 && received.is_empty() {
-        return Ok(false);
     }
-    let req: ServeRequest = match serde_json::from_slice(&buf[..len]) {
-        Ok(r) => r,
-        Err(e) => return reply(sock, &refused(&format!("bad request: {e}")), None).map(|_| true),
-    };
-    if req.version != job::PROTOCOL_VERSION {
-        let msg = format!(
-            "job protocol version {} (this helper speaks {})",
-            req.version,
-            job::PROTOCOL_VERSION
-        );
-        return reply(sock, &refused(&msg), None).map(|_| true);
+
+    /// Replaces slots past their time while their key is in use; drops the
+    /// others.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let (old, keep): (Vec<Slot>, Vec<Slot>) = std::mem::take(&mut self.slots)
+            .into_iter()
+            .partition(|s| now >= s.born + warm::SLOT_TTL);
+        self.slots = keep;
+        for s in old {
+            let Slot {
+                key,
+                source_is_dir,
+                template,
+                last_used,
+                ..
+            } = s;
+            if now.duration_since(last_used) < warm::KEEP_WARM {
+                let keyed = warm::Keyed { key, source_is_dir };
+                self.spawn_slot(template, keyed, last_used);
+            }
+        }
     }
-    if received.len() < job::SERVE_FIXED_FDS {
-        let msg = format!("{} descriptors in the request", received.len());
-        return reply(sock, &refused(&msg), None).map(|_| true);
-    }
-    // SAFETY: single-threaded (the whole helper is), so the child may run
-    // arbitrary code after fork.
-    match unsafe { fork() } {
-        Err(e) => reply(sock, &refused(&format!("fork: {e}")), None).map(|_| true),
-        Ok(ForkResult::Child) => {
-            // Not ours in the child: no destructor may run on these (exit
-            // below never returns), close them by number.
-            let _ = nix::unistd::close(sock.as_raw_fd());
-            let _ = nix::unistd::close(sigfd.as_raw_fd());
-            let code = match child(received) {
-                Ok(()) => job::HELPER_EXIT_REPORTED,
-                Err(e) => {
-                    eprintln!("liminal-sandbox: {e:#}");
-                    2
-                }
+
+    /// One request: receive, hand to a warm slot or fork, reply.
+    /// `Ok(false)`: the engine hung up.
+    fn handle(&mut self) -> Result<bool> {
+        let sock = &self.sock;
+        let mut buf = [0u8; 4096];
+        let mut cmsg = nix::cmsg_space!([RawFd; job::SERVE_MAX_FDS]);
+        let (len, received) = {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let msg = match recvmsg::<()>(
+                sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(m) => m,
+                Err(nix::errno::Errno::EINTR) => return Ok(true),
+                Err(e) => return Err(e).context("recvmsg"),
             };
-            std::process::exit(code);
-        }
-        Ok(ForkResult::Parent { child }) => {
-            drop(received);
-            // Opened before the child can be reaped (only this loop reaps),
-            // so the pid still names our child.
-            let pidfd = crate::pidfd_open(child);
-            match pidfd {
-                Ok(pidfd) => reply(
-                    sock,
-                    &ServeReply::Started {
-                        pid: child.as_raw(),
-                    },
-                    Some(&pidfd),
-                )?,
-                Err(e) => {
-                    let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
-                    reply(sock, &refused(&format!("pidfd_open: {e}")), None)?
+            if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+                return reply(sock, &refused("too many descriptors"), None).map(|_| true);
+            }
+            let mut received = Vec::new();
+            for c in msg.cmsgs().context("control messages")? {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    // SAFETY: the kernel just installed these descriptors for us.
+                    received.extend(
+                        fds.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
                 }
             }
-            Ok(true)
+            (msg.bytes, received)
+        };
+        if len == 0 && received.is_empty() {
+            return Ok(false);
+        }
+        let req: ServeRequest = match serde_json::from_slice(&buf[..len]) {
+            Ok(r) => r,
+            Err(e) => {
+                return reply(sock, &refused(&format!("bad request: {e}")), None).map(|_| true)
+            }
+        };
+        if req.version != job::PROTOCOL_VERSION {
+            let msg = format!(
+                "job protocol version {} (this helper speaks {})",
+                req.version,
+                job::PROTOCOL_VERSION
+            );
+            return reply(sock, &refused(&msg), None).map(|_| true);
+        }
+        if received.len() < job::SERVE_FIXED_FDS {
+            let msg = format!("{} descriptors in the request", received.len());
+            return reply(sock, &refused(&msg), None).map(|_| true);
+        }
+        // The job itself, for its warm key (read without moving the memfd's
+        // offset: the child reads it from the start).
+        let warm_job = if self.warm {
+            read_job(&received[0]).and_then(|j| warm::key(&j).map(|k| (j, k)))
+        } else {
+            None
+        };
+        if let Some((job, keyed)) = &warm_job {
+            if let Some(i) = self.slots.iter().position(|s| s.key == keyed.key) {
+                let slot = self.slots.remove(i);
+                let raw: Vec<RawFd> = received.iter().map(|f| f.as_raw_fd()).collect();
+                match send(&slot.sock, &buf[..len], &raw) {
+                    Ok(()) => {
+                        drop(received);
+                        let cgroup_path = self
+                            .children
+                            .get(&slot.pid.as_raw())
+                            .map(|j| j.cgroup_path.clone());
+                        reply(
+                            &self.sock,
+                            &ServeReply::Started {
+                                pid: slot.pid.as_raw(),
+                                cgroup_path,
+                            },
+                            Some(&slot.pidfd),
+                        )?;
+                        let keyed = warm::Keyed {
+                            key: keyed.key.clone(),
+                            source_is_dir: keyed.source_is_dir.clone(),
+                        };
+                        self.spawn_slot(job.clone(), keyed, Instant::now());
+                        return Ok(true);
+                    }
+                    // Gone (reaped on the next round); fork as usual.
+                    Err(e) => tracing::debug!("warm slot {}: {e}", slot.pid),
+                }
+            }
+        }
+        // SAFETY: single-threaded (the whole helper is), so the child may run
+        // arbitrary code after fork.
+        match unsafe { fork() } {
+            Err(e) => reply(&self.sock, &refused(&format!("fork: {e}")), None).map(|_| true),
+            Ok(ForkResult::Child) => {
+                self.close_in_child();
+                let code = match child(received) {
+                    Ok(()) => job::HELPER_EXIT_REPORTED,
+                    Err(e) => {
+                        eprintln!("liminal-sandbox: {e:#}");
+                        2
+                    }
+                };
+                std::process::exit(code);
+            }
+            Ok(ForkResult::Parent { child }) => {
+                drop(received);
+                // Opened before the child can be reaped (only this loop reaps),
+                // so the pid still names our child.
+                let pidfd = crate::pidfd_open(child);
+                match pidfd {
+                    Ok(pidfd) => reply(
+                        &self.sock,
+                        &ServeReply::Started {
+                            pid: child.as_raw(),
+                            cgroup_path: None,
+                        },
+                        Some(&pidfd),
+                    )?,
+                    Err(e) => {
+                        let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                        reply(&self.sock, &refused(&format!("pidfd_open: {e}")), None)?
+                    }
+                }
+                if let Some((job, keyed)) = warm_job {
+                    self.spawn_slot(job, keyed, Instant::now());
+                }
+                Ok(true)
+            }
         }
     }
+
+    /// Forks a slot child that makes a warm container for `key`.
+    fn spawn_slot(&mut self, template: Job, keyed: warm::Keyed, last_used: Instant) {
+        let warm::Keyed { key, source_is_dir } = keyed;
+        if let Some(i) = self.slots.iter().position(|s| s.key == key) {
+            self.slots.remove(i);
+        }
+        while self.slots.len() >= warm::MAX_SLOTS {
+            let oldest = self
+                .slots
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(i, _)| i);
+            match oldest {
+                Some(i) => drop(self.slots.remove(i)),
+                None => break,
+            }
+        }
+        let pairs = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        );
+        let (ours, theirs) = match pairs {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("warm slot: socketpair: {e}");
+                return;
+            }
+        };
+        self.made += 1;
+        let name = warm::slot_name(&template, std::process::id(), self.made);
+        // SAFETY: single-threaded, as above.
+        match unsafe { fork() } {
+            Err(e) => tracing::warn!("warm slot: fork: {e}"),
+            Ok(ForkResult::Child) => {
+                self.close_in_child();
+                let _ = nix::unistd::close(ours.as_raw_fd());
+                let mut chld = SigSet::empty();
+                chld.add(Signal::SIGCHLD);
+                let _ = chld.thread_unblock();
+                std::process::exit(warm::slot_main(&template, &source_is_dir, &name, theirs));
+            }
+            Ok(ForkResult::Parent { child }) => {
+                drop(theirs);
+                let slot_job = warm::slot_job(&template, &name);
+                self.children.insert(child.as_raw(), slot_job);
+                match crate::pidfd_open(child) {
+                    Ok(pidfd) => self.slots.push(Slot {
+                        pid: child,
+                        pidfd,
+                        sock: ours,
+                        key,
+                        source_is_dir,
+                        template,
+                        born: Instant::now(),
+                        last_used,
+                    }),
+                    // Without a pidfd it cannot be handed out; closing our
+                    // end makes it discard itself.
+                    Err(e) => tracing::warn!("warm slot: pidfd_open: {e}"),
+                }
+            }
+        }
+    }
+
+    /// In a forked child: the server's descriptors are not its own. No
+    /// destructor may run on them (the child exits without returning), so
+    /// they are closed by number.
+    fn close_in_child(&self) {
+        let _ = nix::unistd::close(self.sock.as_raw_fd());
+        let _ = nix::unistd::close(self.sigfd.as_raw_fd());
+        for s in &self.slots {
+            let _ = nix::unistd::close(s.sock.as_raw_fd());
+            let _ = nix::unistd::close(s.pidfd.as_raw_fd());
+        }
+    }
+}
+
+/// What a slot child that died uncleanly (killed, say) can leave: its
+/// container's processes and cgroup, libcontainer state, bundle. A no-op
+/// after a clean exit.
+fn sweep(slot: &Job) {
+    for e in job::teardown_cgroup(&slot.cgroup_path) {
+        tracing::warn!("warm slot: {e}");
+    }
+    let state = slot.state_root.join(&slot.container_id);
+    if state.exists() {
+        let _ = std::fs::remove_dir_all(&state);
+    }
+    warm::discard_paths(slot);
+}
+
+/// The job in a request's memfd, read in place.
+fn read_job(memfd: &OwnedFd) -> Option<Job> {
+    let f = std::fs::File::from(memfd.try_clone().ok()?);
+    let len = f.metadata().ok()?.len() as usize;
+    let mut bytes = vec![0u8; len];
+    f.read_exact_at(&mut bytes, 0).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn send(sock: &OwnedFd, bytes: &[u8], fds: &[RawFd]) -> nix::Result<()> {
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(bytes)],
+        &[ControlMessage::ScmRights(fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map(|_| ())
 }
 
 fn refused(message: &str) -> ServeReply {
@@ -230,7 +473,7 @@ fn child(received: Vec<OwnedFd>) -> Result<()> {
 
 /// Moves each descriptor to its target number (without CLOEXEC). Parking
 /// them high first means no move overwrites a descriptor still to move.
-fn place(fds: Vec<OwnedFd>, targets: &[RawFd]) -> Result<()> {
+pub(crate) fn place(fds: Vec<OwnedFd>, targets: &[RawFd]) -> Result<()> {
     let mut sorted = targets.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
