@@ -49,7 +49,11 @@ PY
 # them instead of hitting whichever ran at that moment.
 ROUNDS=${ROUNDS:-4}
 per=$(( (RUNS + ROUNDS - 1) / ROUNDS ))
-hf() { hyperfine -N --style none --runs "$per" --warmup "$WARMUP" --export-json "$@" >/dev/null 2>&1; }
+# PACE_MS: a pause before every run of every candidate (untimed), i.e. runs
+# arriving one at a time as a daemon gets them, instead of back to back.
+PACE_MS=${PACE_MS:-0}
+pace_s=$(python3 -c "print($PACE_MS / 1000)")
+hf() { hyperfine -N --style none --runs "$per" --warmup "$WARMUP" --prepare "sleep $pace_s" --export-json "$@" >/dev/null 2>&1; }
 
 mkdir -p "$OUT/raw/work" "$OUT/raw/tmp"
 chown 100000:100000 "$OUT/raw/work" "$OUT/raw/tmp"
@@ -64,7 +68,7 @@ cat > "$OUT/raw/job.json" <<JSON
 "rlimits":[{"kind":"RLIMIT_NOFILE","soft":4096,"hard":4096}],"writable_paths":["/workspace","/tmp"],"reset_clocks":true}
 JSON
 raw_loop() {
-  "$bin/liminal-sandbox" --bench-loop $((per + WARMUP)) < "$OUT/raw/job.json" 5>/dev/null 6>/dev/null 7>/dev/null \
+  "$bin/liminal-sandbox" --bench-loop $((per + WARMUP)) "$PACE_MS" < "$OUT/raw/job.json" 5>/dev/null 6>/dev/null 7>/dev/null \
     | tail -n "$per"
 }
 
@@ -73,14 +77,19 @@ for r in $(seq 1 "$ROUNDS"); do
   hf "$OUT/host.$r.json" /bin/true
   hf "$OUT/bwrap.$r.json" "bwrap --unshare-all --die-with-parent --ro-bind $rootfs / --proc /proc --dev /dev /bin/true"
   hf "$OUT/runc.$r.json" "runc run --bundle $OUT/runc liminal-bench-runc"
-  unshare -m bash -c "umount /sys/fs/cgroup/unified && $(declare -f hf); per=$per WARMUP=$WARMUP; hf $OUT/crun.$r.json 'crun run --bundle $OUT/runc liminal-bench-crun'"
+  unshare -m bash -c "umount /sys/fs/cgroup/unified && $(declare -f hf); per=$per WARMUP=$WARMUP pace_s=$pace_s; hf $OUT/crun.$r.json 'crun run --bundle $OUT/runc liminal-bench-crun'"
   raw_loop >> "$OUT/raw.jsonl"
   LIMINAL_SANDBOX_ALL_CGROUPS=1 raw_loop >> "$OUT/raw-allcg.jsonl"
+  # Warm sandboxes alone (the default): each run's container was made
+  # while the previous run went on; then, without them, the fork server's
+  # cold path alternating with a helper spawned per run.
   "$bin/examples/sandbox-latency" --helper "$bin/liminal-sandbox" --rootfs "$rootfs" \
-    --state "$OUT/state" --runs "$per" > "$OUT/engine.$r.json"
+    --state "$OUT/state" --runs "$per" --modes server --pace-ms "$PACE_MS" > "$OUT/warm.$r.json"
+  LIMINAL_SANDBOX_WARM=0 "$bin/examples/sandbox-latency" --helper "$bin/liminal-sandbox" --rootfs "$rootfs" \
+    --state "$OUT/state" --runs "$per" --modes server,spawn --pace-ms "$PACE_MS" > "$OUT/engine.$r.json"
 done
 
-python3 - "$OUT" <<'PY'
+PACE_MS=$PACE_MS python3 - "$OUT" <<'PY'
 import json, sys, statistics
 out = sys.argv[1]
 def q(xs, p):
@@ -95,16 +104,20 @@ raw = [json.loads(l) for l in open(f"{out}/raw.jsonl")]
 raw_all = [json.loads(l) for l in open(f"{out}/raw-allcg.jsonl")]
 rows["liminal raw loop"] = [r["total_us"] / 1e3 for r in raw]
 rows["raw, all cgroups"] = [r["total_us"] / 1e3 for r in raw_all]
+warms = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/warm.*.json"))]
 engs = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/engine.*.json"))]
-rows["liminal engine"] = [x for e in engs for x in e["engine_ms"]]
+rows["liminal engine"] = [x for e in warms for x in e["engine_ms"]]
+rows["engine, cold server"] = [x for e in engs for x in e["engine_ms"]]
 rows["engine, spawn/run"] = [x for e in engs for x in e["spawn_ms"]]
 med = {k: statistics.median(v) for k, v in rows.items()}
-print(f"{'':18} {'n':>4} {'median ms':>10} {'p95 ms':>8} {'/crun':>6} {'/bwrap':>7}")
+import os
+print(f"pace {os.environ.get('PACE_MS', '0')} ms before each run")
+print(f"{'':19} {'n':>4} {'median ms':>10} {'p95 ms':>8} {'/crun':>6} {'/bwrap':>7}")
 for k, v in rows.items():
-    print(f"{k:18} {len(v):4} {med[k]:10.2f} {q(v, .95):8.2f} {med[k]/med['crun']:6.2f} {med[k]/med['bwrap']:7.2f}")
+    print(f"{k:19} {len(v):4} {med[k]:10.2f} {q(v, .95):8.2f} {med[k]/med['crun']:6.2f} {med[k]/med['bwrap']:7.2f}")
 def part(rs, key): return statistics.median(r[key] for r in rs) / 1e3
 for name, rs in [("raw loop", raw), ("raw, all cgroups", raw_all)]:
     print(f"{name} phases (median ms): create {part(rs, 'create_us'):.2f}, start {part(rs, 'start_us'):.2f}, wait {part(rs, 'wait_us'):.2f}, delete {part(rs, 'delete_us'):.2f}")
-print(f"engine: image resolve (rootfs tree digest) median {statistics.median(x for e in engs for x in e['image_resolve_ms']):.2f} ms per run")
+print(f"engine: image resolve (rootfs tree digest) median {statistics.median(x for e in warms + engs for x in e['image_resolve_ms']):.2f} ms per run")
 print(f"raw numbers in {out}")
 PY

@@ -1383,6 +1383,17 @@ pub fn cleanup_orphans(cfg: &EngineConfig) -> Result<CleanupReport, EngineError>
             }
         }
     }
+    // Warm sandbox slots' bundles and libcontainer state (their cgroups
+    // carry this state dir's prefix and went above). Nothing is mounted
+    // there in this namespace: a slot's mounts live in its own.
+    let warm = cfg.state_dir.join("warm");
+    if warm.is_dir() && mounts_under(&warm).is_empty() {
+        if let Err(err) = std::fs::remove_dir_all(&warm) {
+            report
+                .errors
+                .push(format!("removing {}: {err}", warm.display()));
+        }
+    }
     Ok(report)
 }
 

@@ -146,6 +146,17 @@ impl Case {
             eprintln!("skipped: the sandbox tests need root");
             return None;
         }
+        static LOG: std::sync::Once = std::sync::Once::new();
+        LOG.call_once(|| {
+            // LIMINAL_TEST_LOG=liminal_engine=debug: the engine's (and the
+            // helpers' relayed) diagnostics on stderr.
+            if let Ok(filter) = std::env::var("LIMINAL_TEST_LOG") {
+                let _ = tracing_subscriber::fmt()
+                    .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                    .with_writer(std::io::stderr)
+                    .try_init();
+            }
+        });
         let guard = serial();
         let dir = tempfile::Builder::new()
             .prefix("liminal-hostile")
@@ -634,7 +645,12 @@ fn cancel_stops_the_run() {
     let r = c.run_plan(plan, BTreeMap::new(), &cancel);
     t.join().unwrap();
     r.assert_status(RunStatus::Cancelled);
-    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "cancel took {:?}: {:?}",
+        started.elapsed(),
+        r.outcome.reason
+    );
 }
 
 #[test]

@@ -81,7 +81,8 @@ fn real_main() -> Result<()> {
             .get(2)
             .and_then(|a| a.parse().ok())
             .context("--bench-loop N")?;
-        return bench_loop(&job, n);
+        let pace = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(0);
+        return bench_loop(&job, n, Duration::from_millis(pace));
     }
     run_one(&job)
 }
@@ -550,15 +551,16 @@ fn set_lo_up() -> Result<()> {
     Ok(())
 }
 
-/// `liminal-sandbox --bench-loop N < job.json`: the raw helper loop for
-/// `benches/sandbox-latency`: setup once, then N times create, start, wait
-/// and delete in this process; one JSON line of timings per run on stdout.
-/// The job's report fd is not used.
-fn bench_loop(job: &Job, n: usize) -> Result<()> {
+/// `liminal-sandbox --bench-loop N [PACE_MS] < job.json`: the raw helper
+/// loop for `benches/sandbox-latency`: setup once, then N times (after a
+/// pause of PACE_MS) create, start, wait and delete in this process; one
+/// JSON line of timings per run on stdout. The job's report fd is not used.
+fn bench_loop(job: &Job, n: usize, pace: Duration) -> Result<()> {
     let sigfd = setup(job)?;
     let created_parents = job::missing_cgroup_parents(&job.cgroup_path);
     let mut out = std::io::stdout().lock();
     for _ in 0..n {
+        std::thread::sleep(pace);
         let t = Instant::now();
         let mut report = JobReport {
             outcome: Outcome::Exited { code: -1 },

@@ -22,14 +22,11 @@ use anyhow::{bail, Context, Result};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType,
-};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use std::collections::BTreeMap;
-use std::io::{IoSlice, IoSliceMut, Read};
+use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
@@ -83,49 +80,74 @@ pub fn serve() -> Result<()> {
         children: BTreeMap::new(),
         made: 0,
     };
-    loop {
-        let timeout = server
-            .slots
-            .iter()
-            .map(|s| (s.born + warm::SLOT_TTL).saturating_duration_since(Instant::now()))
-            .min()
-            .map_or(PollTimeout::NONE, |d| {
-                PollTimeout::try_from(d.as_millis().clamp(1, 60_000) as i32)
-                    .unwrap_or(PollTimeout::MAX)
-            });
-        let mut fds = [
-            PollFd::new(server.sock.as_fd(), PollFlags::POLLIN),
-            PollFd::new(server.sigfd.as_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, timeout) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e).context("poll"),
-        }
-        let request = fds[0].revents().unwrap_or(PollFlags::empty());
-        let signalled = fds[1]
-            .revents()
-            .is_some_and(|r| r.contains(PollFlags::POLLIN));
-        if signalled {
-            while let Ok(Some(info)) = server.sigfd.read_signal() {
-                if info.ssi_signo != Signal::SIGCHLD as u32 {
-                    tracing::info!("fork server stopping on signal {}", info.ssi_signo);
-                    return Ok(());
-                }
-            }
-        }
-        server.reap();
-        if request.contains(PollFlags::POLLIN) {
-            if !server.handle()? {
-                return Ok(());
-            }
-        } else if request.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
-            return Ok(());
-        }
-        server.expire();
-    }
+    let result = server.serve_loop();
+    server.shut_down();
+    result
 }
 
 impl Server {
+    fn serve_loop(&mut self) -> Result<()> {
+        let server = self;
+        loop {
+            let timeout = server
+                .slots
+                .iter()
+                .map(|s| (s.born + warm::SLOT_TTL).saturating_duration_since(Instant::now()))
+                .min()
+                .map_or(PollTimeout::NONE, |d| {
+                    PollTimeout::try_from(d.as_millis().clamp(1, 60_000) as i32)
+                        .unwrap_or(PollTimeout::MAX)
+                });
+            let mut fds = [
+                PollFd::new(server.sock.as_fd(), PollFlags::POLLIN),
+                PollFd::new(server.sigfd.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e).context("poll"),
+            }
+            let request = fds[0].revents().unwrap_or(PollFlags::empty());
+            let signalled = fds[1]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLIN));
+            if signalled {
+                while let Ok(Some(info)) = server.sigfd.read_signal() {
+                    if info.ssi_signo != Signal::SIGCHLD as u32 {
+                        tracing::info!("fork server stopping on signal {}", info.ssi_signo);
+                        return Ok(());
+                    }
+                }
+            }
+            server.reap();
+            if request.contains(PollFlags::POLLIN) {
+                if !server.handle()? {
+                    return Ok(());
+                }
+            } else if request.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+                return Ok(());
+            }
+            server.expire();
+        }
+    }
+
+    /// Idle slots are discarded (their sockets closed) and reaped, so none
+    /// outlives the server as an orphan; children running jobs are left to
+    /// finish them.
+    fn shut_down(&mut self) {
+        let idle: Vec<Pid> = self.slots.drain(..).map(|s| s.pid).collect();
+        let deadline = Instant::now() + std::time::Duration::from_secs(3);
+        for pid in idle {
+            while Instant::now() < deadline {
+                match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) => {
+                        std::thread::sleep(std::time::Duration::from_millis(2))
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+
     /// Reaps every finished child (the engine watches them through pidfds)
     /// and sweeps what a slot child that died uncleanly left.
     fn reap(&mut self) {
@@ -171,37 +193,14 @@ impl Server {
     fn handle(&mut self) -> Result<bool> {
         let sock = &self.sock;
         let mut buf = [0u8; 4096];
-        let mut cmsg = nix::cmsg_space!([RawFd; job::SERVE_MAX_FDS]);
-        let (len, received) = {
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = match recvmsg::<()>(
-                sock.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(m) => m,
-                Err(nix::errno::Errno::EINTR) => return Ok(true),
-                Err(e) => return Err(e).context("recvmsg"),
-            };
-            if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-                return reply(sock, &refused("too many descriptors"), None).map(|_| true);
-            }
-            let mut received = Vec::new();
-            for c in msg.cmsgs().context("control messages")? {
-                if let ControlMessageOwned::ScmRights(fds) = c {
-                    // SAFETY: the kernel just installed these descriptors for us.
-                    received.extend(
-                        fds.into_iter()
-                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                    );
-                }
-            }
-            (msg.bytes, received)
+        let (len, received) = match warm::receive_with_fds(sock.as_raw_fd(), &mut buf) {
+            Ok(warm::Received::Eof) => return Ok(false),
+            Ok(warm::Received::Message {
+                truncated: true, ..
+            }) => return reply(sock, &refused("too many descriptors"), None).map(|_| true),
+            Ok(warm::Received::Message { len, fds, .. }) => (len, fds),
+            Err(e) => return Err(e).context("recvmsg"),
         };
-        if len == 0 && received.is_empty() {
-            return Ok(false);
-        }
         let req: ServeRequest = match serde_json::from_slice(&buf[..len]) {
             Ok(r) => r,
             Err(e) => {
@@ -231,7 +230,7 @@ impl Server {
             if let Some(i) = self.slots.iter().position(|s| s.key == keyed.key) {
                 let slot = self.slots.remove(i);
                 let raw: Vec<RawFd> = received.iter().map(|f| f.as_raw_fd()).collect();
-                match send(&slot.sock, &buf[..len], &raw) {
+                match warm::send_with_fds(slot.sock.as_raw_fd(), &buf[..len], &raw) {
                     Ok(()) => {
                         drop(received);
                         let cgroup_path = self
@@ -403,17 +402,6 @@ fn read_job(memfd: &OwnedFd) -> Option<Job> {
     serde_json::from_slice(&bytes).ok()
 }
 
-fn send(sock: &OwnedFd, bytes: &[u8], fds: &[RawFd]) -> nix::Result<()> {
-    sendmsg::<()>(
-        sock.as_raw_fd(),
-        &[IoSlice::new(bytes)],
-        &[ControlMessage::ScmRights(fds)],
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )
-    .map(|_| ())
-}
-
 fn refused(message: &str) -> ServeReply {
     ServeReply::Refused {
         message: message.to_owned(),
@@ -423,20 +411,7 @@ fn refused(message: &str) -> ServeReply {
 fn reply(sock: &OwnedFd, r: &ServeReply, fd: Option<&OwnedFd>) -> Result<()> {
     let bytes = serde_json::to_vec(r).context("encoding the reply")?;
     let raw: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsgs: Vec<ControlMessage> = if raw.is_empty() {
-        Vec::new()
-    } else {
-        vec![ControlMessage::ScmRights(&raw)]
-    };
-    sendmsg::<()>(
-        sock.as_raw_fd(),
-        &[IoSlice::new(&bytes)],
-        &cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )
-    .context("sending the reply")?;
-    Ok(())
+    warm::send_with_fds(sock.as_raw_fd(), &bytes, &raw).context("sending the reply")
 }
 
 /// In the forked child: the job from its memfd, descriptors to their

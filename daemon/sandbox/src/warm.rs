@@ -286,17 +286,41 @@ fn become_job(sock: RawFd, mut fds: Vec<OwnedFd>) -> Result<Never> {
 
 /// One message with descriptors; `None` on EOF.
 fn receive(sock: RawFd) -> Result<Option<Vec<OwnedFd>>> {
-    let mut byte = [0u8; 16];
+    let mut buf = [0u8; 64];
+    match receive_with_fds(sock, &mut buf).context("recvmsg")? {
+        Received::Eof => Ok(None),
+        Received::Message {
+            truncated: true, ..
+        } => bail!("too many descriptors"),
+        Received::Message { fds, .. } => Ok(Some(fds)),
+    }
+}
+
+/// What one `recvmsg` on a SOCK_SEQPACKET socket brought.
+pub(crate) enum Received {
+    /// The other end is closed (an empty message without descriptors).
+    Eof,
+    Message {
+        len: usize,
+        fds: Vec<OwnedFd>,
+        /// Some descriptors did not fit (MSG_CTRUNC; the kernel closed them).
+        truncated: bool,
+    },
+}
+
+/// Receives one message into `buf`, with up to SCM_MAX_FD descriptors
+/// (close-on-exec); retried on EINTR.
+pub(crate) fn receive_with_fds(sock: RawFd, buf: &mut [u8]) -> nix::Result<Received> {
     let mut cmsg = nix::cmsg_space!([RawFd; job::SERVE_MAX_FDS]);
-    let mut iov = [IoSliceMut::new(&mut byte)];
+    let mut iov = [IoSliceMut::new(buf)];
     let msg = loop {
         match recvmsg::<()>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
             Err(nix::errno::Errno::EINTR) => continue,
-            r => break r.context("recvmsg")?,
+            r => break r?,
         }
     };
     let mut fds = Vec::new();
-    for c in msg.cmsgs().context("control messages")? {
+    for c in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(raw) = c {
             // SAFETY: the kernel just installed these descriptors for us.
             fds.extend(
@@ -306,15 +330,17 @@ fn receive(sock: RawFd) -> Result<Option<Vec<OwnedFd>>> {
         }
     }
     if msg.bytes == 0 && fds.is_empty() {
-        return Ok(None);
+        return Ok(Received::Eof);
     }
-    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-        bail!("too many descriptors");
-    }
-    Ok(Some(fds))
+    Ok(Received::Message {
+        len: msg.bytes,
+        truncated: msg.flags.contains(MsgFlags::MSG_CTRUNC),
+        fds,
+    })
 }
 
-fn send(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> nix::Result<()> {
+/// Sends one message with descriptors (none: no control message).
+pub(crate) fn send_with_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> nix::Result<()> {
     let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
         Vec::new()
     } else {
@@ -424,9 +450,27 @@ fn back_to(ns: &File) {
     }
 }
 
+/// Whether this process may raise a priority back (CAP_SYS_NICE, bit 23
+/// of the effective set; liminald.service's bounding set lacks it).
+fn can_renice() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 23) != 0)
+}
+
 fn make(source_is_dir: &[bool], slot: &Job) -> Result<Made> {
-    // SAFETY: plain syscall on ourselves.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, SLOT_NICE) };
+    // Made at a lower priority only where the run can get the normal one
+    // back (the container's processes inherit it).
+    let niced = can_renice();
+    if niced {
+        // SAFETY: plain syscall on ourselves.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, SLOT_NICE) };
+    }
     let rootfs_id = {
         let m = std::fs::metadata(&slot.rootfs)
             .with_context(|| format!("image {}", slot.rootfs.display()))?;
@@ -481,8 +525,10 @@ fn make(source_is_dir: &[bool], slot: &Job) -> Result<Made> {
     let (mut container, pid) = crate::create(slot, executor, out.into(), err.into())?;
     container.start().context("starting the warm container")?;
     let pidfd = crate::pidfd_open(pid).context("pidfd_open")?;
-    // SAFETY: as above.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 0) };
+    if niced {
+        // SAFETY: as above.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 0) };
+    }
     Ok(Made {
         slot: slot.clone(),
         created_parents,
@@ -700,9 +746,11 @@ fn hand_over(job: &Job, m: &Made, host_ns: &File, fds: &mut [OwnedFd]) -> Result
         .collect();
     crate::own_container_fds(job.id_map, job.uid, job.gid, raw.iter().copied())?;
     late_mounts(job, m, host_ns)?;
-    // Made at a lower priority; the run gets the normal one.
+    // Made at a lower priority (if at all); the run gets the normal one.
     // SAFETY: plain syscall on our container's init.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, m.pid.as_raw() as libc::id_t, 0) };
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, m.pid.as_raw() as libc::id_t, 0) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("restoring the container's priority");
+    }
     let req = ExecRequest {
         args: job.args.clone(),
         env: job.env.clone(),
@@ -715,7 +763,7 @@ fn hand_over(job: &Job, m: &Made, host_ns: &File, fds: &mut [OwnedFd]) -> Result
     let memfd = memfd_with(&serde_json::to_vec(&req).context("encoding the process")?)?;
     let mut all = vec![memfd.as_raw_fd()];
     all.extend(raw);
-    send(m.init.as_raw_fd(), b"job", &all).context("handing the job to the container")?;
+    send_with_fds(m.init.as_raw_fd(), b"job", &all).context("handing the job to the container")?;
     // EOF: init exec'd (its end is close-on-exec) or died (the wait tells).
     let mut buf = vec![0u8; 8192];
     let mut iov = [IoSliceMut::new(&mut buf)];
