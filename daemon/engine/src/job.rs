@@ -189,6 +189,23 @@ pub struct JobReport {
     pub timings: Timings,
 }
 
+impl JobReport {
+    /// The report before anything happened: setup failed (the message comes
+    /// later), nothing else; the helper fills it in as the job goes.
+    pub fn pending() -> JobReport {
+        JobReport {
+            outcome: Outcome::SetupFailed {
+                message: String::new(),
+            },
+            timed_out: false,
+            cancelled: false,
+            oom_killed: false,
+            cleanup_errors: Vec::new(),
+            timings: Timings::default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Outcome {

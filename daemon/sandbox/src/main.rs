@@ -18,7 +18,7 @@ mod spec;
 mod warm;
 
 use anyhow::{bail, Context, Result};
-use job::{Job, JobReport, Outcome, Timings};
+use job::{Job, JobReport, Outcome};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
@@ -109,16 +109,7 @@ fn run_one(job: &Job) -> Result<()> {
 
 /// Runs the job and always returns a report; cleanup happens on every path.
 fn run_job(job: &Job) -> JobReport {
-    let mut report = JobReport {
-        outcome: Outcome::SetupFailed {
-            message: String::new(),
-        },
-        timed_out: false,
-        cancelled: false,
-        oom_killed: false,
-        cleanup_errors: Vec::new(),
-        timings: Timings::default(),
-    };
+    let mut report = JobReport::pending();
     let created_parents = job::missing_cgroup_parents(&job.cgroup_path);
     match supervise(job, &mut report) {
         Ok(outcome) => report.outcome = outcome,
@@ -562,14 +553,7 @@ fn bench_loop(job: &Job, n: usize, pace: Duration) -> Result<()> {
     for _ in 0..n {
         std::thread::sleep(pace);
         let t = Instant::now();
-        let mut report = JobReport {
-            outcome: Outcome::Exited { code: -1 },
-            timed_out: false,
-            cancelled: false,
-            oom_killed: false,
-            cleanup_errors: Vec::new(),
-            timings: Timings::default(),
-        };
+        let mut report = JobReport::pending();
         let stdout = nix::unistd::dup(job.stdout_fd).context("dup stdout")?;
         let stderr = nix::unistd::dup(job.stderr_fd).context("dup stderr")?;
         // SAFETY: fresh descriptors from dup.

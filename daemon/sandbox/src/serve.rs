@@ -423,13 +423,7 @@ fn child(received: Vec<OwnedFd>) -> Result<()> {
     chld.add(Signal::SIGCHLD);
     chld.thread_unblock().context("unblocking SIGCHLD")?;
     let mut received = received.into_iter();
-    let mut memfd = std::fs::File::from(received.next().context("no job descriptor")?);
-    let mut text = String::new();
-    memfd
-        .read_to_string(&mut text)
-        .context("reading the job from its memfd")?;
-    drop(memfd);
-    let job: Job = serde_json::from_str(&text).context("parsing the job")?;
+    let job = job_from_memfd(received.next().context("no job descriptor")?)?;
     let rest: Vec<OwnedFd> = received.collect();
     let n = job.preserved_fds as usize;
     if rest.len() != 1 + n + 3 {
@@ -444,6 +438,15 @@ fn child(received: Vec<OwnedFd>) -> Result<()> {
     targets.extend([job.stdout_fd, job.stderr_fd, job.report_fd]);
     place(rest, &targets)?;
     crate::run_one(&job)
+}
+
+/// The job in a request's memfd (read from its start, then closed).
+pub(crate) fn job_from_memfd(memfd: OwnedFd) -> Result<Job> {
+    let mut text = String::new();
+    std::fs::File::from(memfd)
+        .read_to_string(&mut text)
+        .context("reading the job from its memfd")?;
+    serde_json::from_str(&text).context("parsing the job")
 }
 
 /// Moves each descriptor to its target number (without CLOEXEC). Parking

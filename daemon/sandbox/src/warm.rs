@@ -37,7 +37,7 @@
 //!   mount targets) sends the job down the ordinary cold path, in the same
 //!   child.
 
-use crate::job::{self, Job, JobReport, Outcome, Timings};
+use crate::job::{self, Job, JobReport, Outcome};
 use anyhow::{bail, Context, Result};
 use libcontainer::container::Container;
 use libcontainer::workload::ExecutorError;
@@ -204,6 +204,14 @@ struct ExecRequest {
 /// Waits for the job's process, then becomes it. Returns only on failure;
 /// the failure is also sent back on the socket for the slot to report.
 pub fn exec_on_request(sock: RawFd) -> Result<(), ExecutorError> {
+    // First, our mount namespace for the slot's late mounts: opening
+    // /proc/<pid>/ns/mnt from outside needs ptrace access to this process
+    // (CAP_SYS_PTRACE, which liminald.service does not grant).
+    let ns = File::open("/proc/self/ns/mnt")
+        .map_err(|e| ExecutorError::Other(format!("warm sandbox: own mount namespace: {e}")))?;
+    send_with_fds(sock, b"ns", &[ns.as_raw_fd()])
+        .map_err(|e| ExecutorError::Other(format!("warm sandbox: sending the namespace: {e}")))?;
+    drop(ns);
     let received = match receive(sock) {
         Ok(Some(r)) => r,
         // The slot is being discarded: nothing ran, nothing to say.
@@ -378,8 +386,11 @@ struct Made {
     /// Our end of init's socket.
     init: OwnedFd,
     sigfd: SignalFd,
-    /// The slot's private mount namespace.
+    /// The slot's private mount namespace, and the container's (from init).
     slot_ns: File,
+    container_ns: OwnedFd,
+    /// Made at a lower priority, which the run must not keep.
+    niced: bool,
     /// The image root's (device, inode) when the slot was made.
     rootfs_id: (u64, u64),
 }
@@ -525,6 +536,18 @@ fn make(source_is_dir: &[bool], slot: &Job) -> Result<Made> {
     let (mut container, pid) = crate::create(slot, executor, out.into(), err.into())?;
     container.start().context("starting the warm container")?;
     let pidfd = crate::pidfd_open(pid).context("pidfd_open")?;
+    // Init's first message: its mount namespace.
+    let container_ns = {
+        let mut pfd = [PollFd::new(ours.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut pfd, PollTimeout::from(10_000u16)) {
+            Ok(n) if n > 0 => {}
+            _ => bail!("the warm container's init did not answer"),
+        }
+        match receive(ours.as_raw_fd())? {
+            Some(mut fds) if fds.len() == 1 => fds.remove(0),
+            _ => bail!("the warm container's init sent no namespace"),
+        }
+    };
     if niced {
         // SAFETY: as above.
         unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 0) };
@@ -538,6 +561,8 @@ fn make(source_is_dir: &[bool], slot: &Job) -> Result<Made> {
         init: ours,
         sigfd,
         slot_ns,
+        container_ns,
+        niced,
         rootfs_id,
     })
 }
@@ -630,16 +655,11 @@ fn remove_unmounted(dir: &Path) -> Result<()> {
 /// (job memfd, child stderr, container descriptors, stdout, stderr, report).
 fn take_job(made: Option<Made>, host_ns: &File, received: Vec<OwnedFd>) -> Result<()> {
     let mut received = received.into_iter();
-    let mut memfd = File::from(received.next().context("no job descriptor")?);
+    let memfd = received.next().context("no job descriptor")?;
     let child_stderr = received.next().context("no stderr descriptor")?;
     nix::unistd::dup2(child_stderr.as_raw_fd(), 2).context("placing stderr")?;
     drop(child_stderr);
-    let mut text = String::new();
-    memfd
-        .read_to_string(&mut text)
-        .context("reading the job from its memfd")?;
-    drop(memfd);
-    let job: Job = serde_json::from_str(&text).context("parsing the job")?;
+    let job = crate::serve::job_from_memfd(memfd)?;
     if job.version != job::PROTOCOL_VERSION {
         bail!(
             "job protocol version {} (this helper speaks {})",
@@ -691,19 +711,8 @@ fn take_job(made: Option<Made>, host_ns: &File, received: Vec<OwnedFd>) -> Resul
 
 /// The job in the made container; always returns a report, cleanup done.
 fn run_warm(job: &Job, mut m: Made, host_ns: &File, mut fds: Vec<OwnedFd>) -> JobReport {
-    let mut report = JobReport {
-        outcome: Outcome::SetupFailed {
-            message: String::new(),
-        },
-        timed_out: false,
-        cancelled: false,
-        oom_killed: false,
-        cleanup_errors: Vec::new(),
-        timings: Timings {
-            warm: true,
-            ..Timings::default()
-        },
-    };
+    let mut report = JobReport::pending();
+    report.timings.warm = true;
     let t = Instant::now();
     let started = hand_over(job, &m, host_ns, &mut fds);
     // Ours would keep the engine's pipes open after the container is gone.
@@ -746,9 +755,13 @@ fn hand_over(job: &Job, m: &Made, host_ns: &File, fds: &mut [OwnedFd]) -> Result
         .collect();
     crate::own_container_fds(job.id_map, job.uid, job.gid, raw.iter().copied())?;
     late_mounts(job, m, host_ns)?;
-    // Made at a lower priority (if at all); the run gets the normal one.
+    // Made at a lower priority; the run gets the normal one. (Without
+    // CAP_SYS_NICE it was made at the normal one: init runs as another uid,
+    // which setpriority refuses even for an unchanged value.)
     // SAFETY: plain syscall on our container's init.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, m.pid.as_raw() as libc::id_t, 0) } != 0 {
+    if m.niced
+        && unsafe { libc::setpriority(libc::PRIO_PROCESS, m.pid.as_raw() as libc::id_t, 0) } != 0
+    {
         return Err(std::io::Error::last_os_error()).context("restoring the container's priority");
     }
     let req = ExecRequest {
@@ -797,8 +810,7 @@ fn late_mounts(job: &Job, m: &Made, host_ns: &File) -> Result<()> {
             .iter()
             .map(|b| clone_tree(&b.source, b.readonly))
             .collect::<Result<Vec<_>>>()?;
-        let ns =
-            File::open(format!("/proc/{}/ns/mnt", m.pid)).context("container mount namespace")?;
+        let ns = &m.container_ns;
         setns(ns.as_fd(), CloneFlags::CLONE_NEWNS)
             .context("entering the container's mount namespace")?;
         for (b, tree) in job.mounts.iter().zip(&trees) {
