@@ -26,7 +26,6 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
@@ -222,7 +221,9 @@ impl Server {
         // The job itself, for its warm key (read without moving the memfd's
         // offset: the child reads it from the start).
         let warm_job = if self.warm {
-            read_job(&received[0]).and_then(|j| warm::key(&j).map(|k| (j, k)))
+            job_from_memfd(&received[0])
+                .ok()
+                .and_then(|j| warm::key(&j).map(|k| (j, k)))
         } else {
             None
         };
@@ -393,15 +394,6 @@ fn sweep(slot: &Job) {
     warm::discard_paths(slot);
 }
 
-/// The job in a request's memfd, read in place.
-fn read_job(memfd: &OwnedFd) -> Option<Job> {
-    let f = std::fs::File::from(memfd.try_clone().ok()?);
-    let len = f.metadata().ok()?.len() as usize;
-    let mut bytes = vec![0u8; len];
-    f.read_exact_at(&mut bytes, 0).ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
 fn refused(message: &str) -> ServeReply {
     ServeReply::Refused {
         message: message.to_owned(),
@@ -423,7 +415,7 @@ fn child(received: Vec<OwnedFd>) -> Result<()> {
     chld.add(Signal::SIGCHLD);
     chld.thread_unblock().context("unblocking SIGCHLD")?;
     let mut received = received.into_iter();
-    let job = job_from_memfd(received.next().context("no job descriptor")?)?;
+    let job = job_from_memfd(&received.next().context("no job descriptor")?)?;
     let rest: Vec<OwnedFd> = received.collect();
     let n = job.preserved_fds as usize;
     if rest.len() != 1 + n + 3 {
@@ -440,13 +432,15 @@ fn child(received: Vec<OwnedFd>) -> Result<()> {
     crate::run_one(&job)
 }
 
-/// The job in a request's memfd (read from its start, then closed).
-pub(crate) fn job_from_memfd(memfd: OwnedFd) -> Result<Job> {
-    let mut text = String::new();
-    std::fs::File::from(memfd)
-        .read_to_string(&mut text)
+/// The job in a request's memfd, read in place (the offset does not move:
+/// the server reads it for the warm key, then its child reads it again).
+pub(crate) fn job_from_memfd(memfd: &OwnedFd) -> Result<Job> {
+    let f = std::fs::File::from(memfd.try_clone().context("dup of the job memfd")?);
+    let len = f.metadata().context("size of the job memfd")?.len() as usize;
+    let mut bytes = vec![0u8; len];
+    f.read_exact_at(&mut bytes, 0)
         .context("reading the job from its memfd")?;
-    serde_json::from_str(&text).context("parsing the job")
+    serde_json::from_slice(&bytes).context("parsing the job")
 }
 
 /// Moves each descriptor to its target number (without CLOEXEC). Parking

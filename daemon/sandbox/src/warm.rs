@@ -659,7 +659,8 @@ fn take_job(made: Option<Made>, host_ns: &File, received: Vec<OwnedFd>) -> Resul
     let child_stderr = received.next().context("no stderr descriptor")?;
     nix::unistd::dup2(child_stderr.as_raw_fd(), 2).context("placing stderr")?;
     drop(child_stderr);
-    let job = crate::serve::job_from_memfd(memfd)?;
+    let job = crate::serve::job_from_memfd(&memfd)?;
+    drop(memfd);
     if job.version != job::PROTOCOL_VERSION {
         bail!(
             "job protocol version {} (this helper speaks {})",
