@@ -52,9 +52,8 @@ create)
         ver=\$(sed -n \"s/^default_version = '\\(.*\\)'/\\1/p\" '$SHARE/liminal.control') &&
         cp \"$SHARE/liminal--\$ver.sql\" '$KEEP/schema.sql'"
     put_lib "$KEEP/liminal.so.installed"
-    install -d -o postgres -g postgres "$DATA"
-    sudo -u postgres "$PGBIN/initdb" -D "$DATA" --locale=C.UTF-8 -A trust >/dev/null
-    cat >>"$DATA/postgresql.conf" <<EOF
+    # The private library dir first: this cluster runs its own copy.
+    init_cluster "$DATA" "$PORT" "dynamic_library_path = '$LIB:\$libdir'"
 port = $PORT
 listen_addresses = ''
 unix_socket_directories = '$DATA'

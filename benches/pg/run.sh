@@ -53,9 +53,7 @@ log "scale: $TESTS tests x $RUNS runs = $((TESTS * RUNS)) results and as many si
 log "extension installed"
 
 cleanup
-install -d -o postgres -g postgres "$DATA"
-sudo -u postgres "$PGBIN/initdb" -D "$DATA" --locale=C.UTF-8 -A trust >/dev/null
-cat >>"$DATA/postgresql.conf" <<EOF
+init_cluster "$DATA" "$PORT"
 port = $PORT
 listen_addresses = ''
 unix_socket_directories = '$DATA'
