@@ -54,24 +54,6 @@ create)
     put_lib "$KEEP/liminal.so.installed"
     # The private library dir first: this cluster runs its own copy.
     init_cluster "$DATA" "$PORT" "dynamic_library_path = '$LIB:\$libdir'"
-port = $PORT
-listen_addresses = ''
-unix_socket_directories = '$DATA'
-shared_buffers = 2GB
-work_mem = 256MB
-maintenance_work_mem = 1GB
-max_parallel_maintenance_workers = 2
-max_parallel_workers_per_gather = 2
-max_wal_size = 20GB
-checkpoint_timeout = 30min
-fsync = off
-synchronous_commit = off
-full_page_writes = off
-jit = off
-dynamic_library_path = '$LIB:\$libdir'
-shared_preload_libraries = 'liminal'
-liminal.database = 'postgres'
-EOF
     start
     sudo -u postgres "$PGBIN/createdb" -h "$DATA" -p "$PORT" bench
     "${PSQL[@]}" -c "CREATE SCHEMA liminal"

@@ -54,27 +54,6 @@ log "extension installed"
 
 cleanup
 init_cluster "$DATA" "$PORT"
-port = $PORT
-listen_addresses = ''
-unix_socket_directories = '$DATA'
-shared_buffers = 2GB
-work_mem = 256MB
-maintenance_work_mem = 1GB
-max_parallel_maintenance_workers = 2
-max_parallel_workers_per_gather = 2
-max_wal_size = 20GB
-checkpoint_timeout = 30min
-# Generation speed only; no effect on the read-only measurements.
-fsync = off
-synchronous_commit = off
-full_page_writes = off
-jit = off
-# The extension's _PG_init defines PGC_POSTMASTER settings: it must be
-# preloaded. Its ingest worker then waits in the (schema-less) postgres
-# database and retries the absent system bus: harmless here.
-shared_preload_libraries = 'liminal'
-liminal.database = 'postgres'
-EOF
 sudo -u postgres "$PGBIN/pg_ctl" -D "$DATA" -l "$DATA/log" -w start >/dev/null
 sudo -u postgres "$PGBIN/createdb" -h "$DATA" -p "$PORT" bench
 "${PSQL[@]}" -c "CREATE EXTENSION liminal"
