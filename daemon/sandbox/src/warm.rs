@@ -204,14 +204,18 @@ struct ExecRequest {
 /// Waits for the job's process, then becomes it. Returns only on failure;
 /// the failure is also sent back on the socket for the slot to report.
 pub fn exec_on_request(sock: RawFd) -> Result<(), ExecutorError> {
-    // First, our mount namespace for the slot's late mounts: opening
-    // /proc/<pid>/ns/mnt from outside needs ptrace access to this process
-    // (CAP_SYS_PTRACE, which liminald.service does not grant).
-    let ns = File::open("/proc/self/ns/mnt")
-        .map_err(|e| ExecutorError::Other(format!("warm sandbox: own mount namespace: {e}")))?;
-    send_with_fds(sock, b"ns", &[ns.as_raw_fd()])
-        .map_err(|e| ExecutorError::Other(format!("warm sandbox: sending the namespace: {e}")))?;
-    drop(ns);
+    // First, our mount namespace for the slot's late mounts and our network
+    // namespace for `lo`: opening /proc/<pid>/ns/* from outside needs ptrace
+    // access to this process (CAP_SYS_PTRACE, which liminald.service does
+    // not grant).
+    let open = |kind: &str| {
+        File::open(format!("/proc/self/ns/{kind}"))
+            .map_err(|e| ExecutorError::Other(format!("warm sandbox: own {kind} namespace: {e}")))
+    };
+    let (mnt, net) = (open("mnt")?, open("net")?);
+    send_with_fds(sock, b"ns", &[mnt.as_raw_fd(), net.as_raw_fd()])
+        .map_err(|e| ExecutorError::Other(format!("warm sandbox: sending the namespaces: {e}")))?;
+    drop((mnt, net));
     let received = match receive(sock) {
         Ok(Some(r)) => r,
         // The slot is being discarded: nothing ran, nothing to say.
@@ -487,7 +491,6 @@ fn make(source_is_dir: &[bool], slot: &Job) -> Result<Made> {
             .with_context(|| format!("image {}", slot.rootfs.display()))?;
         (m.dev(), m.ino())
     };
-    // Placeholders of the template's kinds (folder or file: in the key).
     if source_is_dir.len() != slot.mounts.len() {
         bail!(
             "{} mount kinds for {} mounts",
@@ -495,6 +498,11 @@ fn make(source_is_dir: &[bool], slot: &Job) -> Result<Made> {
             slot.mounts.len()
         );
     }
+    let created_parents = job::missing_cgroup_parents(&slot.cgroup_path);
+    let sigfd = crate::cancel_signalfd()?;
+    // The bundle, placeholders included, is a tmpfs of this namespace.
+    crate::private_mount_ns(slot)?;
+    // Placeholders of the template's kinds (folder or file: in the key).
     for (&is_dir, m) in source_is_dir.iter().zip(&slot.mounts) {
         let p = &m.source;
         std::fs::create_dir_all(p.parent().context("placeholder parent")?)
@@ -506,9 +514,6 @@ fn make(source_is_dir: &[bool], slot: &Job) -> Result<Made> {
         }
         .with_context(|| format!("creating {}", p.display()))?;
     }
-    let created_parents = job::missing_cgroup_parents(&slot.cgroup_path);
-    let sigfd = crate::cancel_signalfd()?;
-    crate::private_mount_ns()?;
     crate::stage(slot)?;
     let slot_ns = File::open("/proc/self/ns/mnt").context("slot mount namespace")?;
 
@@ -532,21 +537,31 @@ fn make(source_is_dir: &[bool], slot: &Job) -> Result<Made> {
         cpus: Vec::new(),
         personality: 0,
         warm_socket: Some(INIT_SOCKET_FD),
+        net_socket: None,
     };
     let (mut container, pid) = crate::create(slot, executor, out.into(), err.into())?;
     container.start().context("starting the warm container")?;
     let pidfd = crate::pidfd_open(pid).context("pidfd_open")?;
-    // Init's first message: its mount namespace.
+    // Init's first message: its mount and network namespaces.
     let container_ns = {
         let mut pfd = [PollFd::new(ours.as_fd(), PollFlags::POLLIN)];
         match poll(&mut pfd, PollTimeout::from(10_000u16)) {
             Ok(n) if n > 0 => {}
             _ => bail!("the warm container's init did not answer"),
         }
-        match receive(ours.as_raw_fd())? {
-            Some(mut fds) if fds.len() == 1 => fds.remove(0),
-            _ => bail!("the warm container's init sent no namespace"),
+        let (mnt, net) = match receive(ours.as_raw_fd())? {
+            Some(fds) if fds.len() == 2 => {
+                let mut fds = fds.into_iter();
+                (fds.next(), fds.next())
+            }
+            _ => bail!("the warm container's init sent no namespaces"),
+        };
+        if slot.network == job::Network::Loopback {
+            if let Some(net) = &net {
+                crate::loopback_up(net).context("bringing loopback up")?;
+            }
         }
+        mnt.context("the warm container's mount namespace")?
     };
     if niced {
         // SAFETY: as above.
@@ -620,8 +635,9 @@ fn remove_container(m: Made, host_ns: &File, errors: &mut Vec<String>) {
     drop(init);
     drop(container);
     crate::cleanup(&slot, &created_parents, errors);
-    // The bundle (placeholders, mount points, config.json: nothing of the
-    // run) goes when the fork server reaps this child, off the run's path.
+    // The bundle's contents were a tmpfs of the slot's namespace; its empty
+    // mount point on the disk goes when the fork server reaps this child,
+    // off the run's path.
     back_to(host_ns);
 }
 
