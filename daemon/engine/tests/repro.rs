@@ -153,6 +153,14 @@ impl Case {
             "{kind}: {}",
             serde_json::to_string_pretty(&verdict).unwrap_or_default()
         );
+        // Why a build ended in error is in its run fact, not the verdict.
+        for f in &facts {
+            if let FactBody::Run(r) = f {
+                if let Some(reason) = &r.reason {
+                    eprintln!("{kind}: run {} {:?}: {reason}", r.run_id, r.status);
+                }
+            }
+        }
         self.assert_clean();
         (verdict, facts)
     }
