@@ -8,6 +8,12 @@
 //! (`spawn_ms`, `LIMINAL_SANDBOX_PREFORK=0`), and for the image resolution
 //! (the rootfs tree digest) inside a run. The two modes alternate run by run,
 //! so a change in the machine's load hits both alike.
+//!
+//! `--modes sandbox --job FILE` measures the sandbox layer alone as the
+//! engine drives it (`sandbox_ms`): the raw loop's job handed to the fork
+//! server (warm slots on unless `LIMINAL_SANDBOX_WARM=0`), timed from the
+//! hand-over to the helper's report (create, start, wait, delete), without
+//! the engine's own per-run work (input digest, run folders, facts).
 
 use liminal_engine::runner::{self, CancelHandle, EngineConfig, RunRequest};
 use liminal_facts::RunStatus;
@@ -77,6 +83,12 @@ fn real_main() -> Result<(), String> {
             .parse()
             .map_err(|e| format!("--pace-ms: {e}"))?,
     );
+    if modes == ["sandbox"] {
+        let job = std::fs::read(arg(&args, "--job")?).map_err(|e| format!("--job: {e}"))?;
+        let sandbox_ms = sandbox_runs(&cfg.helper, &job, runs, pace)?;
+        println!("{}", serde_json::json!({ "sandbox_ms": sandbox_ms }));
+        return Ok(());
+    }
     let mut engine_ms = Vec::new();
     let mut spawn_ms = Vec::new();
     let mut image_ms = Vec::new();
@@ -121,4 +133,58 @@ fn real_main() -> Result<(), String> {
         serde_json::json!({ "engine_ms": engine_ms, "spawn_ms": spawn_ms, "image_resolve_ms": image_ms })
     );
     Ok(())
+}
+
+/// `runs` (+5 warm-up) jobs through the fork server, one after another.
+fn sandbox_runs(
+    helper: &Path,
+    job: &[u8],
+    runs: usize,
+    pace: std::time::Duration,
+) -> Result<Vec<f64>, String> {
+    use liminal_engine::job::{JobReport, Outcome};
+    use liminal_engine::prefork::{self, JobFds};
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let devnull = |what: &str| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| format!("{what}: {e}"))
+    };
+    let (out, err) = (devnull("stdout")?, devnull("stderr")?);
+    let helper_stderr = std::io::stderr();
+    let mut ms = Vec::new();
+    for i in 0..runs + 5 {
+        std::thread::sleep(pace);
+        let (rep_r, rep_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let t = Instant::now();
+        let fds = JobFds {
+            helper_stderr: helper_stderr.as_fd(),
+            container: Vec::new(),
+            stdout: out.as_fd(),
+            stderr: err.as_fd(),
+            report: rep_w.as_fd(),
+        };
+        prefork::start_job(helper, job, &fds).map_err(|e| format!("run {i}: {e}"))?;
+        drop(rep_w);
+        let mut text = Vec::new();
+        std::fs::File::from(rep_r)
+            .read_to_end(&mut text)
+            .map_err(|e| format!("run {i}: report: {e}"))?;
+        let elapsed = t.elapsed().as_secs_f64() * 1e3;
+        let report: JobReport =
+            serde_json::from_slice(&text).map_err(|e| format!("run {i}: report: {e}"))?;
+        if report.outcome != (Outcome::Exited { code: 0 }) || !report.cleanup_errors.is_empty() {
+            return Err(format!(
+                "run {i}: {:?} {:?}",
+                report.outcome, report.cleanup_errors
+            ));
+        }
+        if i >= 5 {
+            ms.push(elapsed);
+        }
+    }
+    Ok(ms)
 }

@@ -4,6 +4,8 @@
 #   bwrap, runc run, crun run (in a mount namespace with
 #   /sys/fs/cgroup/unified unmounted: crun 1.8 refuses the hybrid layout),
 #   liminal raw helper loop (one liminal-sandbox process, N containers),
+#   liminal sandbox layer through the warm fork server (the raw loop's job
+#   handed over as the engine does, timed to the helper's report),
 #   liminal engine path (liminal_engine::run per run, as liminald does:
 #   input digest, facts, cleanup included), through the warm fork server
 #   (the default) and with a helper spawned per run
@@ -80,6 +82,11 @@ for r in $(seq 1 "$ROUNDS"); do
   unshare -m bash -c "umount /sys/fs/cgroup/unified && $(declare -f hf); per=$per WARMUP=$WARMUP pace_s=$pace_s; hf $OUT/crun.$r.json 'crun run --bundle $OUT/runc liminal-bench-crun'"
   raw_loop >> "$OUT/raw.jsonl"
   LIMINAL_SANDBOX_ALL_CGROUPS=1 raw_loop >> "$OUT/raw-allcg.jsonl"
+  # The sandbox layer as the engine drives it: the raw loop's job handed to
+  # the fork server (warm slots), hand-over to report, no engine work.
+  "$bin/examples/sandbox-latency" --helper "$bin/liminal-sandbox" --rootfs "$rootfs" \
+    --state "$OUT/state" --runs "$per" --modes sandbox --job "$OUT/raw/job.json" \
+    --pace-ms "$PACE_MS" > "$OUT/sandbox.$r.json"
   # Warm sandboxes alone (the default): each run's container was made
   # while the previous run went on; then, without them, the fork server's
   # cold path alternating with a helper spawned per run.
@@ -104,6 +111,8 @@ raw = [json.loads(l) for l in open(f"{out}/raw.jsonl")]
 raw_all = [json.loads(l) for l in open(f"{out}/raw-allcg.jsonl")]
 rows["liminal raw loop"] = [r["total_us"] / 1e3 for r in raw]
 rows["raw, all cgroups"] = [r["total_us"] / 1e3 for r in raw_all]
+rows["sandbox, warm server"] = [x for f in sorted(glob.glob(f"{out}/sandbox.*.json"))
+                                for x in json.load(open(f))["sandbox_ms"]]
 warms = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/warm.*.json"))]
 engs = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/engine.*.json"))]
 rows["liminal engine"] = [x for e in warms for x in e["engine_ms"]]
@@ -112,9 +121,9 @@ rows["engine, spawn/run"] = [x for e in engs for x in e["spawn_ms"]]
 med = {k: statistics.median(v) for k, v in rows.items()}
 import os
 print(f"pace {os.environ.get('PACE_MS', '0')} ms before each run")
-print(f"{'':19} {'n':>4} {'median ms':>10} {'p95 ms':>8} {'/crun':>6} {'/bwrap':>7}")
+print(f"{'':20} {'n':>4} {'median ms':>10} {'p95 ms':>8} {'/crun':>6} {'/bwrap':>7}")
 for k, v in rows.items():
-    print(f"{k:19} {len(v):4} {med[k]:10.2f} {q(v, .95):8.2f} {med[k]/med['crun']:6.2f} {med[k]/med['bwrap']:7.2f}")
+    print(f"{k:20} {len(v):4} {med[k]:10.2f} {q(v, .95):8.2f} {med[k]/med['crun']:6.2f} {med[k]/med['bwrap']:7.2f}")
 def part(rs, key): return statistics.median(r[key] for r in rs) / 1e3
 for name, rs in [("raw loop", raw), ("raw, all cgroups", raw_all)]:
     print(f"{name} phases (median ms): create {part(rs, 'create_us'):.2f}, start {part(rs, 'start_us'):.2f}, wait {part(rs, 'wait_us'):.2f}, delete {part(rs, 'delete_us'):.2f}")
