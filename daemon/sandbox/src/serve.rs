@@ -180,7 +180,9 @@ impl Server {
                 last_used,
                 ..
             } = s;
-            if now.duration_since(last_used) < warm::KEEP_WARM {
+            // A burst's extra slot is not replaced: one per key while idle.
+            let another = self.slots.iter().any(|s| s.key == key);
+            if !another && now.duration_since(last_used) < warm::KEEP_WARM {
                 let keyed = warm::Keyed { key, source_is_dir };
                 self.spawn_slot(template, keyed, last_used);
             }
@@ -228,6 +230,7 @@ impl Server {
             None
         };
         if let Some((job, keyed)) = &warm_job {
+            // The oldest slot of the key: the likeliest to be ready.
             if let Some(i) = self.slots.iter().position(|s| s.key == keyed.key) {
                 let slot = self.slots.remove(i);
                 let raw: Vec<RawFd> = received.iter().map(|f| f.as_raw_fd()).collect();
@@ -246,11 +249,24 @@ impl Server {
                             },
                             Some(&slot.pidfd),
                         )?;
-                        let keyed = warm::Keyed {
-                            key: keyed.key.clone(),
-                            source_is_dir: keyed.source_is_dir.clone(),
+                        // Closed before the forks below, or the new slots
+                        // would hold the taken one's socket and pidfd.
+                        let previous_job = slot.last_used;
+                        drop(slot);
+                        let now = Instant::now();
+                        let depth = if now.duration_since(previous_job) < warm::BURST_GAP {
+                            warm::BURST_DEPTH
+                        } else {
+                            1
                         };
-                        self.spawn_slot(job.clone(), keyed, Instant::now());
+                        let left = self.slots.iter().filter(|s| s.key == keyed.key).count();
+                        for _ in left..depth {
+                            let keyed = warm::Keyed {
+                                key: keyed.key.clone(),
+                                source_is_dir: keyed.source_is_dir.clone(),
+                            };
+                            self.spawn_slot(job.clone(), keyed, now);
+                        }
                         return Ok(true);
                     }
                     // Gone (reaped on the next round); fork as usual.
@@ -303,9 +319,6 @@ impl Server {
     /// Forks a slot child that makes a warm container for `key`.
     fn spawn_slot(&mut self, template: Job, keyed: warm::Keyed, last_used: Instant) {
         let warm::Keyed { key, source_is_dir } = keyed;
-        if let Some(i) = self.slots.iter().position(|s| s.key == key) {
-            self.slots.remove(i);
-        }
         while self.slots.len() >= warm::MAX_SLOTS {
             let oldest = self
                 .slots

@@ -63,8 +63,16 @@ pub const SLOT_TTL: Duration = Duration::from_secs(3);
 /// Slots of a key are kept (replaced at [`SLOT_TTL`]) this long after the
 /// key's last job; then the key goes cold.
 pub const KEEP_WARM: Duration = Duration::from_secs(60);
-/// At most this many keys are kept warm (least recently used goes).
-pub const MAX_SLOTS: usize = 2;
+/// At most this many slots exist (least recently used key goes first).
+pub const MAX_SLOTS: usize = 3;
+/// A key whose runs arrive back to back (each within [`BURST_GAP`] of the
+/// one before) gets this many slots at once, so that a slot is made while
+/// the one before it is still being made instead of after it: one container
+/// takes longer to make than a `/bin/true` run takes, and with one slot the
+/// next run waits for it. Idle keys go back to one slot when theirs expire.
+pub const BURST_DEPTH: usize = 2;
+/// Runs of a key this close together (hand-over to hand-over) are a burst.
+pub const BURST_GAP: Duration = Duration::from_millis(20);
 /// Nice value while a slot is being made, so that it yields to runs.
 const SLOT_NICE: i32 = 10;
 /// The init's end of the slot socket, preserved into the container.
@@ -599,9 +607,22 @@ fn idle(m: &Made, server: &OwnedFd) -> Option<Vec<OwnedFd>> {
         // A job first: a cancel signal pending with it is that job's (the
         // wait sees it, still unread, and stops the run).
         if ready(0).contains(PollFlags::POLLIN) {
-            return receive(server.as_raw_fd()).ok().flatten();
+            return match receive(server.as_raw_fd()) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("warm sandbox {}: {e:#}", m.slot.container_id);
+                    None
+                }
+            };
         }
         if !ready(0).is_empty() || !ready(1).is_empty() || !ready(2).is_empty() {
+            tracing::debug!(
+                "warm sandbox {}: discarded (server {:?}, container {:?}, signal {:?})",
+                m.slot.container_id,
+                ready(0),
+                ready(1),
+                ready(2)
+            );
             return None;
         }
     }
