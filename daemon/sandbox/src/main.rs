@@ -550,7 +550,9 @@ fn pidfd_open(pid: Pid) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd)> {
+/// A connected pair of close-on-exec SOCK_SEQPACKET sockets (message
+/// boundaries kept, descriptors passed with SCM_RIGHTS).
+pub(crate) fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd)> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     socketpair(
         AddressFamily::Unix,

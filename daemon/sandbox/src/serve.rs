@@ -22,7 +22,6 @@ use anyhow::{bail, Context, Result};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use std::collections::BTreeMap;
@@ -331,16 +330,10 @@ impl Server {
                 None => break,
             }
         }
-        let pairs = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        );
-        let (ours, theirs) = match pairs {
+        let (ours, theirs) = match crate::seqpacket_pair() {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!("warm slot: socketpair: {e}");
+                tracing::warn!("warm slot: {e:#}");
                 return;
             }
         };

@@ -43,10 +43,7 @@ use libcontainer::container::Container;
 use libcontainer::workload::ExecutorError;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signalfd::SignalFd;
-use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType,
-};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -525,13 +522,7 @@ fn make(source_is_dir: &[bool], slot: &Job) -> Result<Made> {
     crate::stage(slot)?;
     let slot_ns = File::open("/proc/self/ns/mnt").context("slot mount namespace")?;
 
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .context("socketpair")?;
+    let (ours, theirs) = crate::seqpacket_pair()?;
     // libcontainer preserves 3 .. 3 + preserved_fds (= 1) into init.
     nix::unistd::dup2(theirs.as_raw_fd(), INIT_SOCKET_FD).context("placing init's socket")?;
     drop(theirs);
