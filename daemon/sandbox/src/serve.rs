@@ -156,7 +156,12 @@ impl Server {
                     let Some(pid) = st.pid() else { continue };
                     self.slots.retain(|s| s.pid != pid);
                     if let Some(slot) = self.children.remove(&pid.as_raw()) {
-                        sweep(&slot);
+                        // Exit 0: the slot removed all it made itself; the
+                        // sweep would redo the cgroup walks on the server's
+                        // path, between two hand-overs.
+                        if st != WaitStatus::Exited(pid, job::HELPER_EXIT_REPORTED) {
+                            sweep(&slot);
+                        }
                     }
                 }
             }

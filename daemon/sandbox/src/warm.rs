@@ -60,6 +60,10 @@ pub const SLOT_TTL: Duration = Duration::from_secs(3);
 /// Slots of a key are kept (replaced at [`SLOT_TTL`]) this long after the
 /// key's last job; then the key goes cold.
 pub const KEEP_WARM: Duration = Duration::from_secs(60);
+/// A slot's exit code when it may have left something of its own behind
+/// (its report, if it had a job, was written): the fork server sweeps. A
+/// slot that exits with `HELPER_EXIT_REPORTED` removed everything itself.
+pub const SLOT_EXIT_SWEEP: i32 = 3;
 /// At most this many slots exist (least recently used key goes first).
 pub const MAX_SLOTS: usize = 3;
 /// A key whose runs arrive back to back (each within [`BURST_GAP`] of the
@@ -449,14 +453,22 @@ pub fn slot_main(template: &Job, source_is_dir: &[bool], name: &str, server: Own
         None => receive(server.as_raw_fd()).ok().flatten(),
     };
     drop(server);
+    // Whether everything the slot made is gone (its container, cgroup,
+    // bundle): then the server has nothing to sweep.
+    let mut clean = made.is_some();
     let Some(received) = received else {
         if let Some(m) = made {
-            discard(m, &host_ns);
+            clean &= discard(m, &host_ns);
         }
-        return 0;
+        return if clean {
+            job::HELPER_EXIT_REPORTED
+        } else {
+            SLOT_EXIT_SWEEP
+        };
     };
     match take_job(made, &host_ns, received) {
-        Ok(()) => job::HELPER_EXIT_REPORTED,
+        Ok(c) if c && clean => job::HELPER_EXIT_REPORTED,
+        Ok(_) => SLOT_EXIT_SWEEP,
         Err(e) => {
             eprintln!("liminal-sandbox: {e:#}");
             2
@@ -625,15 +637,17 @@ fn exited(pidfd: &OwnedFd) -> bool {
 }
 
 /// Kills and removes the slot's container; ends in the host's namespace.
-fn discard(m: Made, host_ns: &File) {
+/// Whether all of it went.
+fn discard(m: Made, host_ns: &File) -> bool {
     let mut errors = Vec::new();
     let slot = m.slot.clone();
     remove_container(m, host_ns, &mut errors);
     // No run waits on this: the server may be gone, so clean up here.
     discard_paths(&slot);
-    for e in errors {
+    for e in &errors {
         tracing::warn!("warm sandbox: {e}");
     }
+    errors.is_empty() && !slot.bundle.exists()
 }
 
 fn remove_container(m: Made, host_ns: &File, errors: &mut Vec<String>) {
@@ -647,9 +661,6 @@ fn remove_container(m: Made, host_ns: &File, errors: &mut Vec<String>) {
     drop(init);
     drop(container);
     crate::cleanup(&slot, &created_parents, errors);
-    // The bundle's contents were a tmpfs of the slot's namespace; its empty
-    // mount point on the disk goes when the fork server reaps this child,
-    // off the run's path.
     back_to(host_ns);
 }
 
@@ -681,7 +692,8 @@ fn remove_unmounted(dir: &Path) -> Result<()> {
 
 /// The job arrived, with its descriptors as the fork server receives them
 /// (job memfd, child stderr, container descriptors, stdout, stderr, report).
-fn take_job(made: Option<Made>, host_ns: &File, received: Vec<OwnedFd>) -> Result<()> {
+/// `Ok(true)`: run warm, and everything the slot made is gone.
+fn take_job(made: Option<Made>, host_ns: &File, received: Vec<OwnedFd>) -> Result<bool> {
     let mut received = received.into_iter();
     let memfd = received.next().context("no job descriptor")?;
     let child_stderr = received.next().context("no stderr descriptor")?;
@@ -713,12 +725,16 @@ fn take_job(made: Option<Made>, host_ns: &File, received: Vec<OwnedFd>) -> Resul
     match made {
         Some(m) if fits(&m) => {
             let _span = tracing::info_span!("job", container = %job.container_id, warm = %m.slot.container_id).entered();
+            let bundle = m.slot.bundle.clone();
             let report = run_warm(&job, m, host_ns, rest);
             let json = serde_json::to_vec(&report).context("encoding the report")?;
             File::from(report_fd)
                 .write_all(&json)
                 .context("writing the report")?;
-            Ok(())
+            // After the report, off the run's path: the bundle's empty
+            // mount point (its contents were a tmpfs of our namespace).
+            let bundle_gone = std::fs::remove_dir(&bundle).is_ok();
+            Ok(report.cleanup_errors.is_empty() && bundle_gone)
         }
         other => {
             if let Some(m) = other {
@@ -733,7 +749,9 @@ fn take_job(made: Option<Made>, host_ns: &File, received: Vec<OwnedFd>) -> Resul
                 .collect();
             targets.extend([job.stdout_fd, job.stderr_fd, job.report_fd]);
             crate::serve::place(rest, &targets)?;
-            crate::run_one(&job)
+            crate::run_one(&job)?;
+            // The slot's own leftovers, if any, are the server's to sweep.
+            Ok(false)
         }
     }
 }
