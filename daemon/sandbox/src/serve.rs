@@ -39,8 +39,7 @@ struct Slot {
     pidfd: OwnedFd,
     /// Our end of the slot's socket; closing it discards the slot.
     sock: OwnedFd,
-    key: String,
-    source_is_dir: Vec<bool>,
+    keyed: warm::Keyed,
     template: Job,
     born: Instant,
     /// The last job with this key (slots are replaced until KEEP_WARM).
@@ -178,16 +177,14 @@ impl Server {
         self.slots = keep;
         for s in old {
             let Slot {
-                key,
-                source_is_dir,
+                keyed,
                 template,
                 last_used,
                 ..
             } = s;
             // A burst's extra slot is not replaced: one per key while idle.
-            let another = self.slots.iter().any(|s| s.key == key);
+            let another = self.slots.iter().any(|s| s.keyed.key == keyed.key);
             if !another && now.duration_since(last_used) < warm::KEEP_WARM {
-                let keyed = warm::Keyed { key, source_is_dir };
                 self.spawn_slot(template, keyed, last_used);
             }
         }
@@ -235,7 +232,7 @@ impl Server {
         };
         if let Some((job, keyed)) = &warm_job {
             // The oldest slot of the key: the likeliest to be ready.
-            if let Some(i) = self.slots.iter().position(|s| s.key == keyed.key) {
+            if let Some(i) = self.slots.iter().position(|s| s.keyed.key == keyed.key) {
                 let slot = self.slots.remove(i);
                 let raw: Vec<RawFd> = received.iter().map(|f| f.as_raw_fd()).collect();
                 match warm::send_with_fds(slot.sock.as_raw_fd(), &buf[..len], &raw) {
@@ -263,13 +260,13 @@ impl Server {
                         } else {
                             1
                         };
-                        let left = self.slots.iter().filter(|s| s.key == keyed.key).count();
+                        let left = self
+                            .slots
+                            .iter()
+                            .filter(|s| s.keyed.key == keyed.key)
+                            .count();
                         for _ in left..depth {
-                            let keyed = warm::Keyed {
-                                key: keyed.key.clone(),
-                                source_is_dir: keyed.source_is_dir.clone(),
-                            };
-                            self.spawn_slot(job.clone(), keyed, now);
+                            self.spawn_slot(job.clone(), keyed.clone(), now);
                         }
                         return Ok(true);
                     }
@@ -322,7 +319,6 @@ impl Server {
 
     /// Forks a slot child that makes a warm container for `key`.
     fn spawn_slot(&mut self, template: Job, keyed: warm::Keyed, last_used: Instant) {
-        let warm::Keyed { key, source_is_dir } = keyed;
         while self.slots.len() >= warm::MAX_SLOTS {
             let oldest = self
                 .slots
@@ -353,7 +349,12 @@ impl Server {
                 let mut chld = SigSet::empty();
                 chld.add(Signal::SIGCHLD);
                 let _ = chld.thread_unblock();
-                std::process::exit(warm::slot_main(&template, &source_is_dir, &name, theirs));
+                std::process::exit(warm::slot_main(
+                    &template,
+                    &keyed.source_is_dir,
+                    &name,
+                    theirs,
+                ));
             }
             Ok(ForkResult::Parent { child }) => {
                 drop(theirs);
@@ -364,8 +365,7 @@ impl Server {
                         pid: child,
                         pidfd,
                         sock: ours,
-                        key,
-                        source_is_dir,
+                        keyed,
                         template,
                         born: Instant::now(),
                         last_used,

@@ -89,6 +89,7 @@ pub fn enabled() -> bool {
 /// A job's warm key, and whether each bind source is a folder (the slot's
 /// placeholders copy that; the job's folders may be gone by the time the
 /// slot is made).
+#[derive(Clone)]
 pub struct Keyed {
     pub key: String,
     pub source_is_dir: Vec<bool>,
