@@ -238,7 +238,69 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// Every mounted cgroup hierarchy: the v2 root alone on a unified host, else
 /// each v1 controller folder plus `unified` (hybrid layout).
+///
+/// Cached per mount namespace and re-read only when its mount table changed
+/// (`/proc/thread-self/mountinfo` polls POLLPRI after any mount or unmount,
+/// see proc(5)): the listing is a dozen stats, and the engine and the helper ask
+/// for it several times per run (about 0.4 ms of CPU per run, measured with
+/// perf in `benches/sandbox-latency`). The check itself is one stat and one
+/// poll.
 pub fn cgroup_hierarchies() -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::Mutex;
+    struct Cached {
+        /// Inode of the calling thread's mount namespace when listed: a
+        /// thread that moved to another one (the helper's `unshare`) lists
+        /// again.
+        mnt_ns: u64,
+        /// That namespace's `mountinfo`, opened before listing.
+        mountinfo: std::fs::File,
+        /// Who opened it: a forked child shares the open file, and polling
+        /// it would take the change event from its parent.
+        pid: u32,
+        list: Vec<PathBuf>,
+    }
+    static CACHE: Mutex<Option<Cached>> = Mutex::new(None);
+    let mnt_ns = std::fs::metadata("/proc/thread-self/ns/mnt")
+        .map(|m| m.ino())
+        .ok();
+    // A poisoned lock only means another thread panicked mid-listing; the
+    // cache is rebuilt below in that case anyway.
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let (Some(ns), Some(c)) = (mnt_ns, cache.as_ref()) {
+        if c.mnt_ns == ns && c.pid == std::process::id() && !mount_table_changed(&c.mountinfo) {
+            return c.list.clone();
+        }
+    }
+    // Opened first, so a mount made while listing shows on the next call.
+    let mountinfo = std::fs::File::open("/proc/thread-self/mountinfo");
+    let list = list_cgroup_hierarchies();
+    *cache = match (mnt_ns, mountinfo) {
+        (Some(mnt_ns), Ok(mountinfo)) => Some(Cached {
+            mnt_ns,
+            mountinfo,
+            pid: std::process::id(),
+            list: list.clone(),
+        }),
+        _ => None,
+    };
+    list
+}
+
+/// Whether a mount or unmount happened in the namespace `mountinfo` was
+/// opened in since it was opened (or since the last call that said so).
+fn mount_table_changed(mountinfo: &std::fs::File) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(mountinfo.as_fd(), PollFlags::POLLPRI)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(0) => false,
+        // POLLPRI|POLLERR: changed; an error: do not trust the cache.
+        _ => true,
+    }
+}
+
+fn list_cgroup_hierarchies() -> Vec<PathBuf> {
     let root = std::path::Path::new(CGROUP_ROOT);
     if root.join("cgroup.controllers").exists() {
         return vec![root.to_owned()];
@@ -277,12 +339,14 @@ pub fn missing_cgroup_parents(cgroup_path: &str) -> Vec<PathBuf> {
         v
     };
     for h in cgroup_hierarchies() {
-        // Deepest first, so removing in order works.
+        // Deepest first, so removing in order works; the first one that
+        // exists has every ancestor too.
         for p in &parents {
             let d = h.join(p);
-            if !d.exists() {
-                out.push(d);
+            if d.exists() {
+                break;
             }
+            out.push(d);
         }
     }
     out
@@ -415,4 +479,68 @@ pub fn teardown_cgroup(cgroup_path: &str) -> Vec<String> {
         }
     }
     errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// The cache follows mounts in the caller's own mount namespace. Runs in
+    /// a thread with a private mount namespace (root only; the host's mount
+    /// table is never touched), with a tmpfs as its /sys/fs/cgroup.
+    #[test]
+    fn cgroup_hierarchies_follow_mounts_in_the_callers_namespace() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to unshare a mount namespace");
+            return;
+        }
+        let host = cgroup_hierarchies();
+        std::thread::spawn(|| {
+            use nix::mount::{mount, MsFlags};
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare");
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .expect("make / private");
+            let tmpfs = |dir: &str| {
+                mount(
+                    Some("t"),
+                    dir,
+                    Some("tmpfs"),
+                    MsFlags::empty(),
+                    None::<&str>,
+                )
+                .expect("tmpfs")
+            };
+            tmpfs(CGROUP_ROOT);
+            assert_eq!(
+                cgroup_hierarchies(),
+                Vec::<PathBuf>::new(),
+                "a new mount is seen"
+            );
+            // A folder that looks like a hierarchy but was not mounted: the
+            // cached list stands until the mount table changes.
+            let root = Path::new(CGROUP_ROOT);
+            for d in ["a", "b"] {
+                std::fs::create_dir(root.join(d)).unwrap();
+            }
+            std::fs::write(root.join("a/cgroup.procs"), "").unwrap();
+            assert_eq!(cgroup_hierarchies(), Vec::<PathBuf>::new());
+            tmpfs(&format!("{CGROUP_ROOT}/b"));
+            std::fs::write(root.join("b/cgroup.procs"), "").unwrap();
+            assert_eq!(cgroup_hierarchies(), vec![root.join("a"), root.join("b")]);
+        })
+        .join()
+        .expect("the namespace thread");
+        assert_eq!(
+            cgroup_hierarchies(),
+            host,
+            "the host's namespace lists its own again"
+        );
+    }
 }
