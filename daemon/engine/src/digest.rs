@@ -14,6 +14,7 @@
 //! support. Files are read, not mmapped (see [`hash_content`]). [`tree_digest_cached`] skips the content
 //! pass when a stat-only walk shows nothing changed since the last time.
 
+use crate::tree_memo::{TreeMemo, Watcher};
 use liminal_plan::Plan;
 use rayon::prelude::*;
 use serde_json::Value;
@@ -110,7 +111,7 @@ struct Entry {
 
 /// Walks `root` in sorted order without following symlinks (except `root`
 /// itself, like a bind mount does).
-fn walk(root: &Path) -> Result<Vec<Entry>, DigestError> {
+fn walk(root: &Path, watch: Option<&mut Watcher<'_>>) -> Result<Vec<Entry>, DigestError> {
     use nix::fcntl::OFlag;
     // The root is followed like a bind mount follows it.
     let md = std::fs::metadata(root).map_err(io_err(root))?;
@@ -136,7 +137,7 @@ fn walk(root: &Path) -> Result<Vec<Entry>, DigestError> {
             path: root.to_owned(),
             source: e.into(),
         })?;
-        walk_dir(dir, Path::new(""), root, &mut out)?;
+        walk_dir(dir, Path::new(""), root, &mut out, watch)?;
     }
     Ok(out)
 }
@@ -149,6 +150,7 @@ fn walk_dir(
     rel: &Path,
     abs: &Path,
     out: &mut Vec<Entry>,
+    mut watch: Option<&mut Watcher<'_>>,
 ) -> Result<(), DigestError> {
     use nix::fcntl::{AtFlags, OFlag};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -157,6 +159,11 @@ fn walk_dir(
         source: e.into(),
     };
     let fd = dir.as_raw_fd();
+    // Watched before it is listed: whatever changes after the listing is
+    // reported.
+    if let Some(w) = watch.as_deref_mut() {
+        w.dir(fd);
+    }
     let mut names: Vec<std::ffi::CString> = Vec::new();
     for item in dir.iter() {
         let item = item.map_err(|e| fail(abs, e))?;
@@ -181,6 +188,13 @@ fn walk_dir(
             nix::libc::S_IFSOCK => Kind::Socket,
             _ => Kind::File,
         };
+        // Another name of it, outside the tree, could write it unseen by the
+        // folder's watch.
+        if kind == Kind::File && st.st_nlink > 1 {
+            if let Some(w) = watch.as_deref_mut() {
+                w.linked_file(&abs);
+            }
+        }
         out.push(Entry {
             rel: rel.clone(),
             abs: abs.clone(),
@@ -204,7 +218,7 @@ fn walk_dir(
             // SAFETY: a fresh descriptor from openat.
             let child = unsafe { OwnedFd::from_raw_fd(child) };
             let child = nix::dir::Dir::from(child).map_err(|e| fail(&abs, e))?;
-            walk_dir(child, &rel, &abs, out)?;
+            walk_dir(child, &rel, &abs, out, watch.as_deref_mut())?;
         }
     }
     Ok(())
@@ -261,7 +275,7 @@ fn put_bytes(h: &mut blake3::Hasher, b: &[u8]) {
 /// Content digest of a file or folder tree: relative names, file type, mode
 /// bits, symlink targets, contents. Not mtimes, not owners. `"blake3:<hex>"`.
 pub fn tree_digest(path: &Path) -> Result<String, DigestError> {
-    let entries = walk(path)?;
+    let entries = walk(path, None)?;
     digest_entries(&entries)
 }
 
@@ -325,7 +339,8 @@ struct CacheRecord {
     digest: String,
 }
 
-/// [`tree_digest`] with a cache under `cache_dir/tree-digests/`.
+/// [`tree_digest`] with a cache under `cache_dir/tree-digests/`, and in
+/// front of it the process's [`TreeMemo`].
 ///
 /// The cache is keyed by the canonical path and validated by a stat-only walk
 /// (names, types, modes, sizes, inode numbers, mtimes and ctimes of every
@@ -333,11 +348,34 @@ struct CacheRecord {
 /// a content change that keeps size, mtime and ctime of the file identical —
 /// which needs the system clock to be set back, or a filesystem without
 /// ctime. The walk still costs one lstat per entry (a few ms per thousand
-/// files). An unreadable or corrupt cache entry is recomputed, not an error.
+/// files), so in a long-lived process the memo skips it while inotify reports
+/// no change in the tree, for at most [`crate::tree_memo::TTL`] (see there
+/// for what inotify misses). An unreadable or corrupt cache entry is
+/// recomputed, not an error.
 pub fn tree_digest_cached(path: &Path, cache_dir: &Path) -> Result<String, DigestError> {
     let canonical = std::fs::canonicalize(path).map_err(io_err(path))?;
-    let entries = walk(&canonical)?;
-    let stamp = stamp(&entries);
+    let memo = TreeMemo::global();
+    if let Some(digest) = memo.and_then(|m| m.get(&canonical)) {
+        tracing::trace!(path = %canonical.display(), "tree digest memo hit");
+        return Ok(digest);
+    }
+    let mut watcher = memo.map(|m| m.watcher(&canonical));
+    let entries = walk(&canonical, watcher.as_mut())?;
+    let digest = cached_digest(&canonical, &entries, cache_dir)?;
+    if let (Some(m), Some(w)) = (memo, watcher) {
+        m.finish(w, (entries[0].dev, entries[0].ino), &digest);
+    }
+    Ok(digest)
+}
+
+/// The digest of a walked tree from the on-disk cache if its stamp matches,
+/// else from its contents (and then cached).
+fn cached_digest(
+    canonical: &Path,
+    entries: &[Entry],
+    cache_dir: &Path,
+) -> Result<String, DigestError> {
+    let stamp = stamp(entries);
     let key = blake3::hash(canonical.as_os_str().as_bytes()).to_hex();
     let dir = cache_dir.join("tree-digests");
     let file = dir.join(format!("{key}.json"));
@@ -353,9 +391,9 @@ pub fn tree_digest_cached(path: &Path, cache_dir: &Path) -> Result<String, Diges
             }
         }
     }
-    let digest = digest_entries(&entries)?;
+    let digest = digest_entries(entries)?;
     let rec = CacheRecord {
-        path: canonical,
+        path: canonical.to_owned(),
         stamp,
         digest: digest.clone(),
     };

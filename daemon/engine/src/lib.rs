@@ -30,6 +30,7 @@ pub mod results;
 pub mod runner;
 pub mod secrets;
 pub mod signals;
+pub mod tree_memo;
 
 pub use runner::{
     cleanup_orphans, run, CancelHandle, CleanupReport, EngineConfig, EngineError, RunOutcome,

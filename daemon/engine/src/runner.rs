@@ -368,9 +368,11 @@ pub fn run_varied(
     let sealed = secrets::load(&plan.secrets, fd_secrets, cfg.credentials_dir.as_deref())?;
     let mut mount_digests = Vec::new();
     for m in &plan.mounts {
-        let d = digest::tree_digest(&m.source).map_err(|source| EngineError::MountDigest {
-            target: m.target.clone(),
-            source,
+        let d = digest::tree_digest_cached(&m.source, &cfg.cache_dir).map_err(|source| {
+            EngineError::MountDigest {
+                target: m.target.clone(),
+                source,
+            }
         })?;
         mount_digests.push((m.target.clone(), d));
     }

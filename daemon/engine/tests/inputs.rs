@@ -163,6 +163,128 @@ fn cached_tree_digest_notices_changes() {
     assert_eq!(d2, tree_digest(&root).unwrap());
 }
 
+/// The in-process memo in front of the cache (inotify) must never answer
+/// with a digest older than the tree: after each kind of change, right away,
+/// the cached digest is the one a full walk computes.
+#[test]
+fn memoized_tree_digest_follows_every_kind_of_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("images");
+    let root = base.join("root");
+    let cache = tmp.path().join("cache");
+    sample_tree(&root);
+    // A second name of etc/conf outside the tree.
+    fs::hard_link(root.join("etc/conf"), tmp.path().join("conf-elsewhere")).unwrap();
+    let mut last = tree_digest_cached(&root, &cache).unwrap();
+    assert_eq!(last, tree_digest(&root).unwrap());
+    assert_eq!(
+        last,
+        tree_digest_cached(&root, &cache).unwrap(),
+        "unchanged"
+    );
+    type Change<'a> = Box<dyn Fn() + 'a>;
+    let steps: Vec<(&str, Change)> = vec![
+        (
+            "rewrite, same size",
+            Box::new(|| fs::write(root.join("bin/tool"), b"#!/bin/sh\necho ho\n").unwrap()),
+        ),
+        (
+            "chmod",
+            Box::new(|| {
+                fs::set_permissions(root.join("bin/tool"), fs::Permissions::from_mode(0o700))
+                    .unwrap()
+            }),
+        ),
+        (
+            "new file in a subfolder",
+            Box::new(|| fs::write(root.join("etc/empty/new"), b"x").unwrap()),
+        ),
+        (
+            "new folder, then a file in it",
+            Box::new(|| {
+                fs::create_dir(root.join("opt")).unwrap();
+                fs::write(root.join("opt/f"), b"y").unwrap();
+            }),
+        ),
+        (
+            "file in the new folder rewritten",
+            Box::new(|| fs::write(root.join("opt/f"), b"z").unwrap()),
+        ),
+        (
+            "rename",
+            Box::new(|| fs::rename(root.join("etc/empty/new"), root.join("etc/new")).unwrap()),
+        ),
+        (
+            "remove",
+            Box::new(|| fs::remove_file(root.join("etc/new")).unwrap()),
+        ),
+        (
+            "written through a name outside the tree",
+            Box::new(|| fs::write(tmp.path().join("conf-elsewhere"), b"a=2\n").unwrap()),
+        ),
+        (
+            "symlink retargeted",
+            Box::new(|| {
+                fs::remove_file(root.join("etc/link")).unwrap();
+                symlink("../etc/conf", root.join("etc/link")).unwrap();
+            }),
+        ),
+        (
+            "truncated",
+            Box::new(|| {
+                fs::File::options()
+                    .write(true)
+                    .open(root.join("big"))
+                    .unwrap()
+                    .set_len(10)
+                    .unwrap()
+            }),
+        ),
+        (
+            "a parent renamed and another tree put at the same path",
+            Box::new(|| {
+                fs::rename(&base, tmp.path().join("images.old")).unwrap();
+                sample_tree(&root);
+            }),
+        ),
+    ];
+    for (what, change) in steps {
+        change();
+        let d = tree_digest_cached(&root, &cache).unwrap();
+        assert_eq!(d, tree_digest(&root).unwrap(), "after: {what}");
+        assert_ne!(d, last, "after: {what}");
+        last = d;
+    }
+}
+
+/// What inotify cannot see (a write through a shared mapping) the walk
+/// catches once the memo's time to live is over.
+#[test]
+fn memoized_tree_digest_catches_unreported_writes_after_its_ttl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let cache = tmp.path().join("cache");
+    sample_tree(&root);
+    let before = tree_digest_cached(&root, &cache).unwrap();
+    // Past the clock tick of the last write, so the mapping's write moves
+    // the file's mtime.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let f = fs::File::options()
+        .read(true)
+        .write(true)
+        .open(root.join("etc/conf"))
+        .unwrap();
+    // SAFETY: the file is private to this test and not resized while mapped.
+    let mut map = unsafe { memmap2::MmapMut::map_mut(&f) }.unwrap();
+    map[2] = b'5';
+    map.flush().unwrap();
+    drop(map);
+    let after = tree_digest(&root).unwrap();
+    assert_ne!(before, after);
+    std::thread::sleep(liminal_engine::tree_memo::TTL + std::time::Duration::from_millis(50));
+    assert_eq!(tree_digest_cached(&root, &cache).unwrap(), after);
+}
+
 fn plan(text: &str, base: &Path) -> Plan {
     Plan::parse(
         text,
