@@ -1046,6 +1046,25 @@ fn spawn_and_pump(
             })?);
             break;
         }
+        // A forked helper (a warm slot) writes its report last, after the
+        // container is deleted and its cgroup removed, and closes it: with
+        // the report in and the container's streams at EOF the run is over.
+        // What the slot does after (removing its bundle's mount point,
+        // exiting, its namespace going away) is the fork server's to reap
+        // and, if the slot says it left something, to sweep; not waiting
+        // for it takes the slot's exit off the run's path.
+        if helper_status.is_none()
+            && matches!(helper, Helper::Forked(_))
+            && readers[..4].iter().all(|r| !r.open)
+            && !readers[3].buf.is_empty()
+        {
+            if let Some(r) = readers.get_mut(4) {
+                let chunk = read_available(r);
+                r.buf.extend_from_slice(&chunk);
+            }
+            helper_status = Some("forked helper exiting after its report".to_owned());
+            break;
+        }
         if let Some(t) = exited_at {
             // Descendants that escaped the container's death cannot exist
             // (pid namespace), but never hang on a pipe someone still holds.
