@@ -430,6 +430,14 @@ pub fn teardown_cgroup(cgroup_path: &str) -> Vec<String> {
     if rel(cgroup_path).is_empty() {
         return vec!["refusing to tear down the root cgroup".to_owned()];
     }
+    // The common case, after a helper that cleaned up: nothing to sweep,
+    // told by one stat per hierarchy.
+    if !cgroup_hierarchies()
+        .iter()
+        .any(|h| h.join(rel(cgroup_path)).exists())
+    {
+        return errors;
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let pids = cgroup_pids(cgroup_path);

@@ -674,16 +674,17 @@ fn prepare_dirs(dirs: &RunDirs, (uid, gid): (u32, u32)) -> Result<(), EngineErro
             source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
         });
     }
-    for d in [dirs.bundle(), dirs.work(), dirs.tmp()] {
+    // Not the bundle: a warm slot brings its own, and a cold helper mounts
+    // a tmpfs there (creating the mount point) in its own namespace. Every
+    // folder made here is journalled inode work on the state disk.
+    for d in [dirs.work(), dirs.tmp()] {
         std::fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
     }
     if let Some(p) = dirs.container_dir.parent() {
         std::fs::create_dir_all(p).map_err(io_err(format!("creating {}", p.display())))?;
     }
-    for d in [dirs.root.clone(), dirs.bundle()] {
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))
-            .map_err(io_err(format!("chmod {}", d.display())))?;
-    }
+    std::fs::set_permissions(&dirs.root, std::fs::Permissions::from_mode(0o755))
+        .map_err(io_err(format!("chmod {}", dirs.root.display())))?;
     // The container (host uid 100000) opens its staged rootfs and mounts
     // below the run folder: every ancestor must be searchable by others.
     let mut p = dirs.root.parent();
