@@ -383,17 +383,6 @@ pub fn cgroup_oom_kills(cgroup_path: &str) -> u64 {
     total
 }
 
-/// Pids in this cgroup and below, in any hierarchy.
-pub fn cgroup_pids(cgroup_path: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    for h in cgroup_hierarchies() {
-        collect_pids(&h.join(rel(cgroup_path)), &mut pids);
-    }
-    pids.sort_unstable();
-    pids.dedup();
-    pids
-}
-
 fn collect_pids(dir: &std::path::Path, out: &mut Vec<i32>) {
     if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
         out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
@@ -430,17 +419,24 @@ pub fn teardown_cgroup(cgroup_path: &str) -> Vec<String> {
     if rel(cgroup_path).is_empty() {
         return vec!["refusing to tear down the root cgroup".to_owned()];
     }
-    // The common case, after a helper that cleaned up: nothing to sweep,
-    // told by one stat per hierarchy.
-    if !cgroup_hierarchies()
+    // Where it exists, listed once: after a helper that cleaned up that is
+    // nowhere, told by one stat per hierarchy.
+    let dirs: Vec<PathBuf> = cgroup_hierarchies()
         .iter()
-        .any(|h| h.join(rel(cgroup_path)).exists())
-    {
+        .map(|h| h.join(rel(cgroup_path)))
+        .filter(|d| d.exists())
+        .collect();
+    if dirs.is_empty() {
         return errors;
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let pids = cgroup_pids(cgroup_path);
+        let mut pids = Vec::new();
+        for d in &dirs {
+            collect_pids(d, &mut pids);
+        }
+        pids.sort_unstable();
+        pids.dedup();
         if pids.is_empty() {
             break;
         }
@@ -450,8 +446,7 @@ pub fn teardown_cgroup(cgroup_path: &str) -> Vec<String> {
             ));
             break;
         }
-        for h in cgroup_hierarchies() {
-            let d = h.join(rel(cgroup_path));
+        for d in &dirs {
             // Frozen tasks (a helper killed mid-kill) ignore SIGKILL until thawed.
             let _ = std::fs::write(d.join("freezer.state"), "THAWED");
             let _ = std::fs::write(d.join("cgroup.freeze"), "0");
@@ -465,15 +460,11 @@ pub fn teardown_cgroup(cgroup_path: &str) -> Vec<String> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    for h in cgroup_hierarchies() {
-        let d = h.join(rel(cgroup_path));
-        if !d.exists() {
-            continue;
-        }
+    for d in &dirs {
         // Removal fails with EBUSY while killed tasks are still exiting.
         let mut last = None;
         for _ in 0..200 {
-            match remove_tree(&d) {
+            match remove_tree(d) {
                 Ok(()) => {
                     last = None;
                     break;
