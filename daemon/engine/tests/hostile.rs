@@ -256,10 +256,13 @@ impl Case {
         self.run_plan(plan, BTreeMap::new(), &CancelHandle::new())
     }
 
-    /// No run folder, container state, cgroup or mount left behind.
+    /// No run folder, container state, cgroup or mount left behind; and
+    /// nothing of a warm slot (the one that ran, or the next one, being
+    /// made or waiting) on the disk: its bundle and state live in a tmpfs
+    /// of its own mount namespace.
     fn assert_clean(&self, outcome: &RunOutcome) {
         let state = self.path().join("state");
-        for sub in ["runs", "containers"] {
+        for sub in ["runs", "containers", "warm"] {
             let left: Vec<_> = std::fs::read_dir(state.join(sub))
                 .map(|rd| rd.flatten().map(|e| e.path()).collect())
                 .unwrap_or_default();

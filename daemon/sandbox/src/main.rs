@@ -139,7 +139,7 @@ fn supervise(job: &Job, report: &mut JobReport) -> Result<Outcome> {
 /// and mounts, config.json, descriptor ownership.
 fn setup(job: &Job) -> Result<SignalFd> {
     let sigfd = cancel_signalfd()?;
-    private_mount_ns(job)?;
+    private_mount_ns(job, &job.bundle)?;
     stage(job)?;
     own_container_fds(job.id_map, job.uid, job.gid, container_fd_numbers(job))?;
     Ok(sigfd)
@@ -159,7 +159,11 @@ fn cancel_signalfd() -> Result<SignalFd> {
 /// it, even if this helper is killed. So do the job's bundle and
 /// libcontainer's state, in tmpfs instances mounted here
 /// ([`mount_scratch`]).
-fn private_mount_ns(job: &Job) -> Result<()> {
+///
+/// `bundle_scratch` is where the bundle's tmpfs goes: the bundle itself, or
+/// (a warm slot) an existing folder above it, so that not even the bundle's
+/// mount point is made on the disk.
+fn private_mount_ns(job: &Job, bundle_scratch: &Path) -> Result<()> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
     nix::mount::mount(
         None::<&str>,
@@ -169,8 +173,15 @@ fn private_mount_ns(job: &Job) -> Result<()> {
         None::<&str>,
     )
     .context("making / private in the helper's mount namespace")?;
-    mount_scratch(&job.bundle)?;
-    mount_scratch(&job.state_root)?;
+    mount_scratch(bundle_scratch)?;
+    if job.state_root.starts_with(bundle_scratch) {
+        // Already in that tmpfs (a warm slot's state root is beside its
+        // bundle): one instance is enough.
+        std::fs::create_dir_all(&job.state_root)
+            .with_context(|| format!("creating {}", job.state_root.display()))?;
+    } else {
+        mount_scratch(&job.state_root)?;
+    }
     trim_cgroup_hierarchies();
     Ok(())
 }

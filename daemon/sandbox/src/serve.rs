@@ -159,6 +159,7 @@ impl Server {
                         // sweep would redo the cgroup walks on the server's
                         // path, between two hand-overs.
                         if st != WaitStatus::Exited(pid, job::HELPER_EXIT_REPORTED) {
+                            tracing::debug!(slot = %slot.container_id, status = ?st, "sweeping after the slot");
                             sweep(&slot);
                         }
                     }

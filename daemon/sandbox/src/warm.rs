@@ -518,8 +518,14 @@ fn make(source_is_dir: &[bool], slot: &Job) -> Result<Made> {
     }
     let created_parents = job::missing_cgroup_parents(&slot.cgroup_path);
     let sigfd = crate::cancel_signalfd()?;
-    // The bundle, placeholders included, is a tmpfs of this namespace.
-    crate::private_mount_ns(slot)?;
+    // The bundle, placeholders included, is in a tmpfs of this namespace
+    // mounted on the slots' folder: nothing of it is on the disk, not even
+    // its mount point (an inode made and removed per run, journalled).
+    let slots_dir = slot
+        .bundle
+        .parent()
+        .context("slot bundle without a parent")?;
+    crate::private_mount_ns(slot, slots_dir)?;
     // Placeholders of the template's kinds (folder or file: in the key).
     for (&is_dir, m) in source_is_dir.iter().zip(&slot.mounts) {
         let p = &m.source;
@@ -732,9 +738,16 @@ fn take_job(made: Option<Made>, host_ns: &File, received: Vec<OwnedFd>) -> Resul
             File::from(report_fd)
                 .write_all(&json)
                 .context("writing the report")?;
-            // After the report, off the run's path: the bundle's empty
-            // mount point (its contents were a tmpfs of our namespace).
-            let bundle_gone = std::fs::remove_dir(&bundle).is_ok();
+            // The bundle was in a tmpfs of our namespace, so on the disk
+            // there is nothing to remove; if there is (a bug), remove it or
+            // let the server sweep.
+            let bundle_gone = match std::fs::remove_dir(&bundle) {
+                Ok(()) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+            };
+            if !(report.cleanup_errors.is_empty() && bundle_gone) {
+                tracing::debug!(errors = ?report.cleanup_errors, bundle_gone, "the slot leaves something to sweep");
+            }
             Ok(report.cleanup_errors.is_empty() && bundle_gone)
         }
         other => {
