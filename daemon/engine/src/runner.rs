@@ -1425,9 +1425,10 @@ pub fn cleanup_orphans(cfg: &EngineConfig) -> Result<CleanupReport, EngineError>
             }
         }
     }
-    // Warm sandbox slots' bundles and libcontainer state (their cgroups
-    // carry this state dir's prefix and went above). Nothing is mounted
-    // there in this namespace: a slot's mounts live in its own.
+    // The slots' folder (their cgroups carry this state dir's prefix and
+    // went above). A slot keeps its bundle and state in a tmpfs of its own
+    // mount namespace, so this is at most an empty folder, or what a helper
+    // of an older version left on the disk.
     let warm = cfg.state_dir.join("warm");
     if warm.is_dir() && mounts_under(&warm).is_empty() {
         if let Err(err) = std::fs::remove_dir_all(&warm) {
