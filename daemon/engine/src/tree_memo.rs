@@ -332,13 +332,23 @@ mod tests {
         (m.dev(), m.ino())
     }
 
-    #[test]
-    fn a_change_drops_the_digest_and_its_watches() {
+    /// A walk of `root` that saw nothing change, finished with `digest`.
+    fn memoize(memo: &TreeMemo, root: &Path, digest: &str) {
+        let w = walk_root(memo, root);
+        memo.finish(w, id(root), digest);
+    }
+
+    /// An empty folder (its canonical path) and a memo with this TTL.
+    fn fixture(ttl: Duration) -> (tempfile::TempDir, PathBuf, TreeMemo) {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().canonicalize().unwrap();
-        let memo = TreeMemo::new(Duration::from_secs(3600)).unwrap();
-        let w = walk_root(&memo, &root);
-        memo.finish(w, id(&root), "d1");
+        (tmp, root, TreeMemo::new(ttl).unwrap())
+    }
+
+    #[test]
+    fn a_change_drops_the_digest_and_its_watches() {
+        let (_tmp, root, memo) = fixture(Duration::from_secs(3600));
+        memoize(&memo, &root, "d1");
         assert_eq!(memo.get(&root).as_deref(), Some("d1"));
         assert_eq!(memo.watch_count(), 1);
         std::fs::write(root.join("f"), b"x").unwrap();
@@ -348,9 +358,7 @@ mod tests {
 
     #[test]
     fn a_change_during_the_walk_is_not_memoized() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().canonicalize().unwrap();
-        let memo = TreeMemo::new(Duration::from_secs(3600)).unwrap();
+        let (_tmp, root, memo) = fixture(Duration::from_secs(3600));
         let w = walk_root(&memo, &root);
         std::fs::write(root.join("f"), b"x").unwrap();
         // Another thread's bookkeeping reads the event before this walk ends.
@@ -358,18 +366,14 @@ mod tests {
         memo.finish(w, id(&root), "stale");
         assert_eq!(memo.get(&root), None);
         // The next walk, with nothing changing, is memoized.
-        let w = walk_root(&memo, &root);
-        memo.finish(w, id(&root), "d2");
+        memoize(&memo, &root, "d2");
         assert_eq!(memo.get(&root).as_deref(), Some("d2"));
     }
 
     #[test]
     fn the_digest_is_trusted_for_its_ttl_only() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().canonicalize().unwrap();
-        let memo = TreeMemo::new(Duration::from_millis(30)).unwrap();
-        let w = walk_root(&memo, &root);
-        memo.finish(w, id(&root), "d");
+        let (_tmp, root, memo) = fixture(Duration::from_millis(30));
+        memoize(&memo, &root, "d");
         assert_eq!(memo.get(&root).as_deref(), Some("d"));
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(memo.get(&root), None);
@@ -381,8 +385,7 @@ mod tests {
         let root = tmp.path().canonicalize().unwrap().join("root");
         std::fs::create_dir(&root).unwrap();
         let memo = TreeMemo::new(Duration::from_secs(3600)).unwrap();
-        let w = walk_root(&memo, &root);
-        memo.finish(w, id(&root), "d");
+        memoize(&memo, &root, "d");
         // Renaming the parent moves nothing the root's own watch reports.
         std::fs::rename(tmp.path(), tmp.path().with_extension("old")).unwrap();
         std::fs::create_dir_all(&root).unwrap();
