@@ -138,6 +138,9 @@ fn walk(root: &Path, watch: Option<&mut Watcher<'_>>) -> Result<Vec<Entry>, Dige
             source: e.into(),
         })?;
         walk_dir(dir, Path::new(""), root, &mut out, watch)?;
+    } else if let Some(w) = watch {
+        // A single file (an input mount can be one): its own watch.
+        w.file(root);
     }
     Ok(out)
 }
@@ -192,7 +195,7 @@ fn walk_dir(
         // folder's watch.
         if kind == Kind::File && st.st_nlink > 1 {
             if let Some(w) = watch.as_deref_mut() {
-                w.linked_file(&abs);
+                w.file(&abs);
             }
         }
         out.push(Entry {

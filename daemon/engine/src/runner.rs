@@ -1050,8 +1050,8 @@ fn spawn_and_pump(
         // A forked helper (a warm slot) writes its report last, after the
         // container is deleted and its cgroup removed, and closes it: with
         // the report in and the container's streams at EOF the run is over.
-        // What the slot does after (removing its bundle's mount point,
-        // exiting, its namespace going away) is the fork server's to reap
+        // What the slot does after (exiting; its mount namespace and the
+        // tmpfs holding its bundle going away) is the fork server's to reap
         // and, if the slot says it left something, to sweep; not waiting
         // for it takes the slot's exit off the run's path.
         if helper_status.is_none()

@@ -219,8 +219,10 @@ impl Watcher<'_> {
         self.add(Path::new(&format!("/proc/self/fd/{fd}")), dir_mask());
     }
 
-    /// A regular file with more than one link, after its folder is watched.
-    pub fn linked_file(&mut self, path: &Path) {
+    /// A file whose changes a folder's watch would not report: one with
+    /// more than one link (after its folder is watched), or a tree that is
+    /// a single file.
+    pub fn file(&mut self, path: &Path) {
         self.add(path, file_mask());
     }
 

@@ -257,6 +257,21 @@ fn memoized_tree_digest_follows_every_kind_of_change() {
     }
 }
 
+/// A tree that is a single file (an input mount can be one) is watched too.
+#[test]
+fn memoized_digest_of_a_single_file_follows_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("input.txt");
+    let cache = tmp.path().join("cache");
+    fs::write(&file, b"one\n").unwrap();
+    let d1 = tree_digest_cached(&file, &cache).unwrap();
+    assert_eq!(d1, tree_digest_cached(&file, &cache).unwrap());
+    fs::write(&file, b"two\n").unwrap();
+    let d2 = tree_digest_cached(&file, &cache).unwrap();
+    assert_ne!(d1, d2);
+    assert_eq!(d2, tree_digest(&file).unwrap());
+}
+
 /// What inotify cannot see (a write through a shared mapping) the walk
 /// catches once the memo's time to live is over.
 #[test]
