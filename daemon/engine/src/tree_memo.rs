@@ -10,8 +10,10 @@
 //! one of those watches reports a change.
 //!
 //! What inotify does not report, the walk still catches, at most [`TTL`]
-//! late: writes through a shared mmap, mounts made inside the tree, changes
-//! made by another host on a network filesystem. A memo entry is trusted for
+//! late: writes through a shared mmap, writes through a hard link made
+//! after the walk from outside the tree (the link itself is not reported to
+//! the file's folder), mounts made inside the tree, changes made by another
+//! host on a network filesystem. A memo entry is trusted for
 //! `TTL` after its walk; then the next run walks again (and finds the same
 //! stamp, or not).
 //!
