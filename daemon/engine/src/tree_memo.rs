@@ -123,12 +123,19 @@ impl TreeMemo {
         .as_ref()
     }
 
+    /// The state with every pending event applied.
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A thread that panicked mid-update can at worst leave a tree
-        // un-memoized or a watch unowned; both only cost a walk.
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock_undrained();
         st.drain();
         st
+    }
+
+    /// The state as it is: for adding watches during a walk, where events
+    /// can wait for [`TreeMemo::finish`] (one read less per folder).
+    fn lock_undrained(&self) -> MutexGuard<'_, State> {
+        // A thread that panicked mid-update can at worst leave a tree
+        // un-memoized or a watch unowned; both only cost a walk.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The memoized digest of the tree at `canonical`, if it is still good:
@@ -205,7 +212,7 @@ impl TreeMemo {
 
 impl Drop for Watcher<'_> {
     fn drop(&mut self) {
-        let mut st = self.memo.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.memo.lock_undrained();
         if let Some(w) = st.walking.get_mut(self.key) {
             w.0 -= 1;
             if w.0 == 0 {
@@ -232,7 +239,7 @@ impl Watcher<'_> {
         if !self.complete {
             return;
         }
-        let mut st = self.memo.lock();
+        let mut st = self.memo.lock_undrained();
         if st.wd_trees.len() >= MAX_WATCHES {
             self.complete = false;
             return;
@@ -372,6 +379,16 @@ mod tests {
         // The next walk, with nothing changing, is memoized.
         memoize(&memo, &root, "d2");
         assert_eq!(memo.get(&root).as_deref(), Some("d2"));
+    }
+
+    #[test]
+    fn a_change_seen_only_when_the_walk_finishes_is_not_memoized() {
+        let (_tmp, root, memo) = fixture(Duration::from_secs(3600));
+        let w = walk_root(&memo, &root);
+        std::fs::write(root.join("f"), b"x").unwrap();
+        memo.finish(w, id(&root), "stale");
+        assert_eq!(memo.get(&root), None);
+        assert_eq!(memo.watch_count(), 0);
     }
 
     #[test]
