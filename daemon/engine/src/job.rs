@@ -63,6 +63,12 @@ pub const SERVE_MAX_FDS: usize = 253;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServeRequest {
     pub version: u32,
+    /// Instead of a job (no descriptors): drop every warm slot made for
+    /// jobs with this state root, killed, reaped and swept before the
+    /// reply ([`ServeReply::Retired`]), so that the state dir can be removed
+    /// without a slot still being made in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +85,8 @@ pub enum ServeReply {
     },
     /// Nothing was forked (bad request, fork failed).
     Refused { message: String },
+    /// The answer to a `retire` request: how many slots were dropped.
+    Retired { slots: usize },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,6 +238,15 @@ pub struct Timings {
     pub warm: bool,
 }
 
+/// The folder warm slots live in, beside libcontainer's state root
+/// (`<state>/warm` for `<state>/containers`). The engine makes it; a slot
+/// only mounts its tmpfs on it, in its own mount namespace.
+pub fn slots_dir(state_root: &std::path::Path) -> PathBuf {
+    state_root
+        .parent()
+        .map_or_else(|| state_root.join("warm"), |p| p.join("warm"))
+}
+
 // ---------------------------------------------------------------------------
 // cgroupfs housekeeping shared by the helper and the engine (which must clean
 // up after a helper that crashed or was killed, without libcontainer).
@@ -246,6 +263,7 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// perf in `benches/sandbox-latency`). The check itself is one stat and one
 /// poll.
 pub fn cgroup_hierarchies() -> Vec<PathBuf> {
+    use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd, RawFd};
     use std::os::unix::fs::MetadataExt;
     use std::sync::Mutex;
     struct Cached {
@@ -253,12 +271,32 @@ pub fn cgroup_hierarchies() -> Vec<PathBuf> {
         /// thread that moved to another one (the helper's `unshare`) lists
         /// again.
         mnt_ns: u64,
-        /// That namespace's `mountinfo`, opened before listing.
-        mountinfo: std::fs::File,
+        /// That namespace's `mountinfo`, opened before listing, held by
+        /// number: the helper moves descriptors to fixed numbers with dup2,
+        /// which can silently replace this one, so it is used, and closed,
+        /// only while it is still the file opened (`id`).
+        mountinfo: RawFd,
+        id: (u64, u64),
         /// Who opened it: a forked child shares the open file, and polling
         /// it would take the change event from its parent.
         pid: u32,
         list: Vec<PathBuf>,
+    }
+    impl Cached {
+        /// The descriptor, if it still is the file this cache opened.
+        fn fd(&self) -> Option<BorrowedFd<'_>> {
+            let st = nix::sys::stat::fstat(self.mountinfo).ok()?;
+            ((st.st_dev, st.st_ino) == self.id)
+                // SAFETY: open, and ours (checked just above).
+                .then(|| unsafe { BorrowedFd::borrow_raw(self.mountinfo) })
+        }
+        /// Closes the descriptor if it is still ours; else leaves the number
+        /// to whoever has it now.
+        fn release(self) {
+            if self.fd().is_some() {
+                let _ = nix::unistd::close(self.mountinfo);
+            }
+        }
     }
     static CACHE: Mutex<Option<Cached>> = Mutex::new(None);
     let mnt_ns = std::fs::metadata("/proc/thread-self/ns/mnt")
@@ -268,31 +306,39 @@ pub fn cgroup_hierarchies() -> Vec<PathBuf> {
     // cache is rebuilt below in that case anyway.
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     if let (Some(ns), Some(c)) = (mnt_ns, cache.as_ref()) {
-        if c.mnt_ns == ns && c.pid == std::process::id() && !mount_table_changed(&c.mountinfo) {
-            return c.list.clone();
+        if c.mnt_ns == ns && c.pid == std::process::id() {
+            if let Some(fd) = c.fd() {
+                if !mount_table_changed(fd) {
+                    return c.list.clone();
+                }
+            }
         }
+    }
+    if let Some(old) = cache.take() {
+        old.release();
     }
     // Opened first, so a mount made while listing shows on the next call.
     let mountinfo = std::fs::File::open("/proc/thread-self/mountinfo");
     let list = list_cgroup_hierarchies();
-    *cache = match (mnt_ns, mountinfo) {
-        (Some(mnt_ns), Ok(mountinfo)) => Some(Cached {
-            mnt_ns,
-            mountinfo,
-            pid: std::process::id(),
-            list: list.clone(),
-        }),
-        _ => None,
-    };
+    if let (Some(mnt_ns), Ok(f)) = (mnt_ns, mountinfo) {
+        if let Ok(st) = nix::sys::stat::fstat(f.as_raw_fd()) {
+            *cache = Some(Cached {
+                mnt_ns,
+                id: (st.st_dev, st.st_ino),
+                mountinfo: f.into_raw_fd(),
+                pid: std::process::id(),
+                list: list.clone(),
+            });
+        }
+    }
     list
 }
 
 /// Whether a mount or unmount happened in the namespace `mountinfo` was
 /// opened in since it was opened (or since the last call that said so).
-fn mount_table_changed(mountinfo: &std::fs::File) -> bool {
+fn mount_table_changed(mountinfo: std::os::fd::BorrowedFd<'_>) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    use std::os::fd::AsFd;
-    let mut fds = [PollFd::new(mountinfo.as_fd(), PollFlags::POLLPRI)];
+    let mut fds = [PollFd::new(mountinfo, PollFlags::POLLPRI)];
     match poll(&mut fds, PollTimeout::ZERO) {
         Ok(0) => false,
         // POLLPRI|POLLERR: changed; an error: do not trust the cache.
