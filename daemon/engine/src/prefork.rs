@@ -105,6 +105,7 @@ pub fn start_job(helper: &Path, job_json: &[u8], fds: &JobFds) -> Result<Forked,
     ]);
     let request = serde_json::to_vec(&ServeRequest {
         version: job::PROTOCOL_VERSION,
+        retire: None,
     })
     .map_err(|e| PreforkError::Protocol(e.to_string()))?;
 
@@ -121,7 +122,7 @@ pub fn start_job(helper: &Path, job_json: &[u8], fds: &JobFds) -> Result<Forked,
         let Some(server) = servers.get(helper) else {
             return Err(PreforkError::Protocol("no server".into()));
         };
-        match exchange(server, &request, &raw) {
+        match exchange(server, &request, &raw).and_then(started) {
             Ok(forked) => return Ok(forked),
             // A refusal is about this job; another server would say the same.
             Err(e @ PreforkError::Refused(_)) => return Err(e),
@@ -135,6 +136,33 @@ pub fn start_job(helper: &Path, job_json: &[u8], fds: &JobFds) -> Result<Forked,
         }
     }
     Err(PreforkError::Protocol("unreachable".into()))
+}
+
+/// Asks the running fork server of `helper`, if any (none is started for
+/// this), to drop the warm slots it made for jobs with `state_root`; returns
+/// how many. Once it returns no slot is still making a container in that
+/// state dir, so the dir can go.
+pub fn retire(helper: &Path, state_root: &Path) -> Result<usize, PreforkError> {
+    let mut servers = SERVERS.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(server) = servers.get_mut(helper) else {
+        return Ok(0);
+    };
+    if !matches!(server.process.try_wait(), Ok(None)) {
+        servers.remove(helper);
+        return Ok(0);
+    }
+    let request = serde_json::to_vec(&ServeRequest {
+        version: job::PROTOCOL_VERSION,
+        retire: Some(state_root.to_owned()),
+    })
+    .map_err(|e| PreforkError::Protocol(e.to_string()))?;
+    match exchange(server, &request, &[])? {
+        (ServeReply::Retired { slots }, _) => Ok(slots),
+        (ServeReply::Refused { message }, _) => Err(PreforkError::Refused(message)),
+        (other, _) => Err(PreforkError::Protocol(format!(
+            "unexpected reply to retire: {other:?}"
+        ))),
+    }
 }
 
 fn job_memfd(job_json: &[u8]) -> Result<OwnedFd, PreforkError> {
@@ -187,12 +215,19 @@ fn spawn(helper: &Path) -> Result<Server, PreforkError> {
     })
 }
 
-fn exchange(server: &Server, request: &[u8], raw: &[RawFd]) -> Result<Forked, PreforkError> {
-    let cmsgs = [ControlMessage::ScmRights(raw)];
+/// One request (with `raw` descriptors, if any) and its reply, with the
+/// descriptor that rode along, if any.
+fn exchange(
+    server: &Server,
+    request: &[u8],
+    raw: &[RawFd],
+) -> Result<(ServeReply, Option<OwnedFd>), PreforkError> {
+    let rights = [ControlMessage::ScmRights(raw)];
+    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &rights };
     sendmsg::<()>(
         server.sock.as_raw_fd(),
         &[IoSlice::new(request)],
-        &cmsgs,
+        cmsgs,
         MsgFlags::MSG_NOSIGNAL,
         None,
     )?;
@@ -235,8 +270,15 @@ fn exchange(server: &Server, request: &[u8], raw: &[RawFd]) -> Result<Forked, Pr
     if len == 0 {
         return Err(PreforkError::Protocol("server hung up".into()));
     }
-    match serde_json::from_slice::<ServeReply>(&buf[..len]) {
-        Ok(ServeReply::Started { pid, cgroup_path }) => match pidfd {
+    serde_json::from_slice::<ServeReply>(&buf[..len])
+        .map(|r| (r, pidfd))
+        .map_err(|e| PreforkError::Protocol(format!("bad reply: {e}")))
+}
+
+/// The reply to a job: the child that runs it.
+fn started((reply, pidfd): (ServeReply, Option<OwnedFd>)) -> Result<Forked, PreforkError> {
+    match reply {
+        ServeReply::Started { pid, cgroup_path } => match pidfd {
             Some(pidfd) => Ok(Forked {
                 pid: Pid::from_raw(pid),
                 pidfd,
@@ -244,8 +286,10 @@ fn exchange(server: &Server, request: &[u8], raw: &[RawFd]) -> Result<Forked, Pr
             }),
             None => Err(PreforkError::Protocol("reply without a pidfd".into())),
         },
-        Ok(ServeReply::Refused { message }) => Err(PreforkError::Refused(message)),
-        Err(e) => Err(PreforkError::Protocol(format!("bad reply: {e}"))),
+        ServeReply::Refused { message } => Err(PreforkError::Refused(message)),
+        other => Err(PreforkError::Protocol(format!(
+            "unexpected reply to a job: {other:?}"
+        ))),
     }
 }
 

@@ -681,7 +681,11 @@ fn prepare_dirs(dirs: &RunDirs, (uid, gid): (u32, u32)) -> Result<(), EngineErro
         std::fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
     }
     if let Some(p) = dirs.container_dir.parent() {
-        std::fs::create_dir_all(p).map_err(io_err(format!("creating {}", p.display())))?;
+        // With the folder warm slots mount their tmpfs on (they make
+        // nothing on the disk themselves).
+        for d in [p.to_owned(), job::slots_dir(p)] {
+            std::fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
+        }
     }
     std::fs::set_permissions(&dirs.root, std::fs::Permissions::from_mode(0o755))
         .map_err(io_err(format!("chmod {}", dirs.root.display())))?;
@@ -1346,6 +1350,12 @@ fn emit_signal_line(
 /// folders. Call it before starting runs (it assumes no run of this state dir is in progress).
 pub fn cleanup_orphans(cfg: &EngineConfig) -> Result<CleanupReport, EngineError> {
     let mut report = CleanupReport::default();
+    // First the warm slots a running fork server made for this state dir:
+    // one still making its container would write into folders removed
+    // below (and, the folders gone, make them again).
+    if let Err(e) = prefork::retire(&cfg.helper, &cfg.state_dir.join("containers")) {
+        report.errors.push(format!("retiring warm sandboxes: {e}"));
+    }
     let runs = cfg.state_dir.join("runs");
     if let Ok(rd) = std::fs::read_dir(&runs) {
         for e in rd.flatten() {
@@ -1429,7 +1439,7 @@ pub fn cleanup_orphans(cfg: &EngineConfig) -> Result<CleanupReport, EngineError>
     // went above). A slot keeps its bundle and state in a tmpfs of its own
     // mount namespace, so this is at most an empty folder, or what a helper
     // of an older version left on the disk.
-    let warm = cfg.state_dir.join("warm");
+    let warm = job::slots_dir(&cfg.state_dir.join("containers"));
     if warm.is_dir() && mounts_under(&warm).is_empty() {
         if let Err(err) = std::fs::remove_dir_all(&warm) {
             report

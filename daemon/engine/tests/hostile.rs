@@ -342,6 +342,67 @@ fn processes_with(marker: &str) -> Vec<i32> {
 
 // ---------------------------------------------------------------------------
 
+/// `cleanup_orphans` ends the warm slots made for its state dir: a slot
+/// still making its container there would go on writing into the folders the
+/// caller removes next, and so make them again (what left empty
+/// `liminal-hostile*/state/warm` folders in /tmp after this suite).
+#[test]
+fn cleanup_orphans_ends_the_state_dirs_warm_slots() {
+    if std::env::var_os("LIMINAL_SANDBOX_PREFORK").is_some_and(|v| v == "0")
+        || std::env::var_os("LIMINAL_SANDBOX_WARM").is_some_and(|v| v == "0")
+    {
+        return;
+    }
+    let Some(c) = Case::new() else { return };
+    let state = c.path().join("state");
+    let slots = state.join("warm");
+    c.run(r#"command = ["/bin/true"]"#)
+        .assert_status(RunStatus::Passed);
+    // The run was handed over, so the server makes a slot for the next one;
+    // a slot's tmpfs is mounted on the slots' folder in its own namespace.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let slot_pids = loop {
+        let pids = processes_with_mount_at(&slots);
+        if !pids.is_empty() {
+            break pids;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no warm slot was made for the next run"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let cleaned = runner::cleanup_orphans(&c.config()).expect("cleanup_orphans");
+    assert!(cleaned.errors.is_empty(), "{:?}", cleaned.errors);
+    let alive: Vec<i32> = slot_pids
+        .into_iter()
+        .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+        .collect();
+    assert!(
+        alive.is_empty(),
+        "warm slots of this state dir outlived cleanup_orphans: {alive:?}"
+    );
+    std::fs::remove_dir_all(&state).expect("removing the state dir");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!state.exists(), "something made {} again", state.display());
+}
+
+/// Processes with something mounted on `dir` in their mount namespace.
+fn processes_with_mount_at(dir: &Path) -> Vec<i32> {
+    let want = dir.to_string_lossy();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let info = std::fs::read_to_string(e.path().join("mountinfo")).unwrap_or_default();
+        if info.lines().any(|l| l.split(' ').nth(4) == Some(&*want)) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 #[test]
 fn echo_runs_with_fixed_identity_and_clean_env() {
     let Some(c) = Case::new() else { return };

@@ -139,7 +139,7 @@ fn supervise(job: &Job, report: &mut JobReport) -> Result<Outcome> {
 /// and mounts, config.json, descriptor ownership.
 fn setup(job: &Job) -> Result<SignalFd> {
     let sigfd = cancel_signalfd()?;
-    private_mount_ns(job, &job.bundle)?;
+    private_mount_ns(job, Scratch::PerJob)?;
     stage(job)?;
     own_container_fds(job.id_map, job.uid, job.gid, container_fd_numbers(job))?;
     Ok(sigfd)
@@ -158,12 +158,8 @@ fn cancel_signalfd() -> Result<SignalFd> {
 /// overlay (if any) live only here and disappear with the last process using
 /// it, even if this helper is killed. So do the job's bundle and
 /// libcontainer's state, in tmpfs instances mounted here
-/// ([`mount_scratch`]).
-///
-/// `bundle_scratch` is where the bundle's tmpfs goes: the bundle itself, or
-/// (a warm slot) an existing folder above it, so that not even the bundle's
-/// mount point is made on the disk.
-fn private_mount_ns(job: &Job, bundle_scratch: &Path) -> Result<()> {
+/// ([`mount_scratch`]), as `scratch` says.
+fn private_mount_ns(job: &Job, scratch: Scratch<'_>) -> Result<()> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
     nix::mount::mount(
         None::<&str>,
@@ -173,20 +169,41 @@ fn private_mount_ns(job: &Job, bundle_scratch: &Path) -> Result<()> {
         None::<&str>,
     )
     .context("making / private in the helper's mount namespace")?;
-    mount_scratch(bundle_scratch)?;
-    if job.state_root.starts_with(bundle_scratch) {
-        // Already in that tmpfs (a warm slot's state root is beside its
-        // bundle): one instance is enough.
-        std::fs::create_dir_all(&job.state_root)
-            .with_context(|| format!("creating {}", job.state_root.display()))?;
-    } else {
-        mount_scratch(&job.state_root)?;
+    let mkdir =
+        |d: &Path| std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()));
+    match scratch {
+        Scratch::PerJob => {
+            for d in [&job.bundle, &job.state_root] {
+                mkdir(d)?;
+                mount_scratch(d)?;
+            }
+        }
+        Scratch::Slots(dir) => {
+            mount_scratch(dir)?;
+            // Inside that tmpfs: made in memory.
+            mkdir(&job.state_root)?;
+        }
     }
     trim_cgroup_hierarchies();
     Ok(())
 }
 
-/// Mounts a fresh tmpfs on `dir` (created if missing) in the helper's
+/// Where a helper's scratch tmpfs instances go.
+#[derive(Clone, Copy)]
+enum Scratch<'a> {
+    /// One on the job's bundle and one on libcontainer's state root, each
+    /// made on the disk if missing (the empty mount points stay there; the
+    /// engine removes them with the run folder).
+    PerJob,
+    /// A warm slot: one on the slots' folder, which must exist, holding the
+    /// slot's bundle and state root. A slot makes nothing on the disk, not
+    /// even a mount point, so one still being made when its state dir is
+    /// removed (a test's temporary folder, say) fails instead of bringing
+    /// the folder back.
+    Slots(&'a Path),
+}
+
+/// Mounts a fresh tmpfs on the existing folder `dir` in the helper's
 /// private mount namespace. A run writes and removes its bundle
 /// (config.json, mount points, overlay folders) and libcontainer's state
 /// (state.json, the notify socket) exactly once: on the state disk that is
@@ -198,7 +215,6 @@ fn private_mount_ns(job: &Job, bundle_scratch: &Path) -> Result<()> {
 /// bind mounts of folders on the disk.
 fn mount_scratch(dir: &Path) -> Result<()> {
     use nix::mount::MsFlags;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     nix::mount::mount(
         Some("liminal"),
         dir,

@@ -27,6 +27,7 @@ use nix::unistd::{fork, ForkResult, Pid};
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::time::Instant;
 
 /// Received descriptors are parked at or above this number while they are
@@ -218,6 +219,11 @@ impl Server {
             );
             return reply(sock, &refused(&msg), None).map(|_| true);
         }
+        if let Some(state_root) = &req.retire {
+            drop(received);
+            let slots = self.retire(state_root);
+            return reply(&self.sock, &ServeReply::Retired { slots }, None).map(|_| true);
+        }
         if received.len() < job::SERVE_FIXED_FDS {
             let msg = format!("{} descriptors in the request", received.len());
             return reply(sock, &refused(&msg), None).map(|_| true);
@@ -316,6 +322,26 @@ impl Server {
                 Ok(true)
             }
         }
+    }
+
+    /// Kills, reaps and sweeps the idle slots made for jobs with this state
+    /// root (children running a job are left alone): none is still making
+    /// a container in that state dir once this returns, and none is made
+    /// again for it until a job with it comes.
+    fn retire(&mut self, state_root: &Path) -> usize {
+        let (gone, keep): (Vec<Slot>, Vec<Slot>) = std::mem::take(&mut self.slots)
+            .into_iter()
+            .partition(|s| s.template.state_root == state_root);
+        self.slots = keep;
+        for s in &gone {
+            let _ = nix::sys::signal::kill(s.pid, Signal::SIGKILL);
+            // Only this loop reaps, so the pid is still this child.
+            let _ = waitpid(s.pid, None);
+            if let Some(slot) = self.children.remove(&s.pid.as_raw()) {
+                sweep(&slot);
+            }
+        }
+        gone.len()
     }
 
     /// Forks a slot child that makes a warm container for `key`.

@@ -175,13 +175,9 @@ pub fn slot_job(template: &Job, name: &str) -> Job {
     j
 }
 
-/// Where slot bundles live: `<state>/warm`, beside libcontainer's state
-/// root `<state>/containers`.
+/// Where slot bundles live: [`job::slots_dir`].
 pub fn warm_dir(template: &Job) -> PathBuf {
-    template
-        .state_root
-        .parent()
-        .map_or_else(|| template.state_root.join("warm"), |p| p.join("warm"))
+    job::slots_dir(&template.state_root)
 }
 
 /// A slot's name: the run cgroups' prefix (so the engine's orphan sweep
@@ -525,7 +521,7 @@ fn make(source_is_dir: &[bool], slot: &Job) -> Result<Made> {
         .bundle
         .parent()
         .context("slot bundle without a parent")?;
-    crate::private_mount_ns(slot, slots_dir)?;
+    crate::private_mount_ns(slot, crate::Scratch::Slots(slots_dir))?;
     // Placeholders of the template's kinds (folder or file: in the key).
     for (&is_dir, m) in source_is_dir.iter().zip(&slot.mounts) {
         let p = &m.source;
