@@ -357,14 +357,22 @@ struct CacheRecord {
 /// recomputed, not an error.
 pub fn tree_digest_cached(path: &Path, cache_dir: &Path) -> Result<String, DigestError> {
     let canonical = std::fs::canonicalize(path).map_err(io_err(path))?;
+    tree_digest_cached_canonical(&canonical, cache_dir)
+}
+
+/// [`tree_digest_cached`] of a path the caller already made canonical.
+pub(crate) fn tree_digest_cached_canonical(
+    canonical: &Path,
+    cache_dir: &Path,
+) -> Result<String, DigestError> {
     let memo = TreeMemo::global();
-    if let Some(digest) = memo.and_then(|m| m.get(&canonical)) {
+    if let Some(digest) = memo.and_then(|m| m.get(canonical)) {
         tracing::trace!(path = %canonical.display(), "tree digest memo hit");
         return Ok(digest);
     }
-    let mut watcher = memo.map(|m| m.watcher(&canonical));
-    let entries = walk(&canonical, watcher.as_mut())?;
-    let digest = cached_digest(&canonical, &entries, cache_dir)?;
+    let mut watcher = memo.map(|m| m.watcher(canonical));
+    let entries = walk(canonical, watcher.as_mut())?;
+    let digest = cached_digest(canonical, &entries, cache_dir)?;
     if let (Some(m), Some(w)) = (memo, watcher) {
         m.finish(w, (entries[0].dev, entries[0].ino), &digest);
     }

@@ -183,7 +183,7 @@ fn resolve_rootfs(path: &Path, cache_dir: &Path) -> Result<ResolvedImage, ImageE
         source,
     })?;
     let started = Instant::now();
-    let digest = digest::tree_digest_cached(&rootfs, cache_dir)?;
+    let digest = digest::tree_digest_cached_canonical(&rootfs, cache_dir)?;
     tracing::debug!(rootfs = %rootfs.display(), %digest, ms = started.elapsed().as_millis() as u64, "rootfs digest");
     Ok(ResolvedImage { rootfs, digest })
 }

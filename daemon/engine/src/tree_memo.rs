@@ -291,7 +291,7 @@ impl State {
     }
 
     fn drop_all(&mut self) {
-        let keys: Vec<PathBuf> = self
+        let keys: std::collections::BTreeSet<PathBuf> = self
             .tree_wds
             .keys()
             .chain(self.trees.keys())

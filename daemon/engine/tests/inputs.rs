@@ -33,6 +33,16 @@ fn sample_tree(root: &Path) {
     .unwrap();
 }
 
+/// A temporary folder with [`sample_tree`] at `root` and a digest cache
+/// folder beside it.
+fn sample_tree_with_cache() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    sample_tree(&root);
+    let cache = tmp.path().join("cache");
+    (tmp, root, cache)
+}
+
 fn cp_a(from: &Path, to: &Path) {
     let st = Command::new("cp")
         .arg("-a")
@@ -140,10 +150,7 @@ fn tree_digest_of_a_single_file_and_of_a_missing_path() {
 
 #[test]
 fn cached_tree_digest_notices_changes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let cache = tmp.path().join("cache");
-    sample_tree(&root);
+    let (_tmp, root, cache) = sample_tree_with_cache();
     let d1 = tree_digest_cached(&root, &cache).unwrap();
     assert_eq!(d1, tree_digest(&root).unwrap());
     assert_eq!(fs::read_dir(cache.join("tree-digests")).unwrap().count(), 1);
@@ -276,10 +283,7 @@ fn memoized_digest_of_a_single_file_follows_it() {
 /// catches once the memo's time to live is over.
 #[test]
 fn memoized_tree_digest_catches_unreported_writes_after_its_ttl() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let cache = tmp.path().join("cache");
-    sample_tree(&root);
+    let (_tmp, root, cache) = sample_tree_with_cache();
     let before = tree_digest_cached(&root, &cache).unwrap();
     // Past the clock tick of the last write, so the mapping's write moves
     // the file's mtime.
@@ -938,10 +942,7 @@ fn oci_busybox_layout_from_umoci() {
 
 #[test]
 fn rootfs_folder_resolves_to_its_tree_digest() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    sample_tree(&root);
-    let cache = tmp.path().join("cache");
+    let (tmp, root, cache) = sample_tree_with_cache();
     let img = resolve(&ImageRef::Rootfs { path: root.clone() }, &cache).unwrap();
     assert_eq!(img.digest, tree_digest(&root).unwrap());
     assert_eq!(img.rootfs, fs::canonicalize(&root).unwrap());
